@@ -1,0 +1,5 @@
+"""monai_ext.metrics."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,49 @@
+"""Shared fixtures.
+
+Real data comes from ``../shared/data`` relative to the repository root, or from the folder named
+by ``CTSEVERITY_SHARED_DATA``. A test that needs a file that is not there fails (it never skips):
+under CI the data must be present.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder (``CTSEVERITY_SHARED_DATA`` or ``../shared/data``)."""
+    return Path(os.environ.get("CTSEVERITY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a shared data file; fails the test when it is missing."""
+    path = shared_data_dir() / relative
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (set CTSEVERITY_SHARED_DATA)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_ct_path() -> Path:
+    """The real chest CT, 512x512x141 int16 HU NIfTI."""
+    return shared_file("chest_ct_itkelastix_00/chest_ct_00.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def lidc_dicom_path() -> Path:
+    """One real chest CT slice as a DICOM file."""
+    return shared_file("lidc_slice_lungmask/lidc_slice_0.dcm")
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """``shared("folder/file")`` gives the path of a shared data file, failing if it is missing."""
+    return shared_file
