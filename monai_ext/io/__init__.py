@@ -1,5 +1,26 @@
-"""monai_ext.io."""
+"""Reading CT with its geometry and writing results back on the input grid."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from monai_ext.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from monai_ext.io.ct import MIN_INPLANE, MIN_SLICES, load_ct, validate_ct
+from monai_ext.io.reader import SUPPORTED_SUFFIXES, SITKReader, dicom_series, read_sitk_image
+from monai_ext.io.writer import ReferenceGrid, reference_grid, to_reference_grid, write_like
+
+__all__ = [
+    "SITKReader",
+    "SUPPORTED_SUFFIXES",
+    "read_sitk_image",
+    "dicom_series",
+    "load_ct",
+    "validate_ct",
+    "MIN_SLICES",
+    "MIN_INPLANE",
+    "ReferenceGrid",
+    "reference_grid",
+    "to_reference_grid",
+    "write_like",
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_bytes",
+]
