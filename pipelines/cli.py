@@ -27,7 +27,9 @@ EXIT_FAILURE = 1  # something went wrong while working (a failed study, an unexp
 EXIT_USAGE = 2  # bad input or arguments
 
 #: modules of ``pipelines`` that each add one subcommand, in the order of ``--help``
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = (
+    "pipelines.synth",
+)
 
 log = logging.getLogger("ctseverity")
 
