@@ -3,7 +3,10 @@
 A method is one subclass of :class:`Attributor` that overrides :meth:`Attributor.attribute` and
 returns the raw map of a batch. The base class owns the rest: resolving the target layer by
 name, choosing the target class, registering hooks and always releasing them, putting the model
-in eval mode for the call (and restoring its mode), and upsampling the raw map to the input size.
+in eval mode for the call (and restoring its mode), freezing its parameters for the call (gradients
+are only ever taken with respect to inputs, activations or masks), enabling autograd even when
+called from a ``torch.no_grad()`` block (as MONAI evaluators do), splitting large batches into
+chunks of ``batch_size`` slices, and upsampling the raw map to the input size.
 
 Maps are returned as float tensors of shape (B, 1, H, W) on the input's device and are never
 min-max normalized per slice: the maps of one study must stay comparable across its slices.
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attributor", "resolve_layer", "select_target", "gather_scores"]
+__all__ = ["Attributor", "resolve_layer", "select_target", "gather_scores", "frozen_parameters"]
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
@@ -71,6 +74,43 @@ def gather_scores(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target.view(-1, 1)).squeeze(1)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter of ``model`` for the block, then restore.
+
+    Autograd then skips the parameter gradients (about a third of a backward pass) and never
+    builds a graph for the part of the network that only depends on parameters and a constant
+    input. Parameter ``.grad`` attributes are left untouched.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _split_target(target: int | Sequence[int] | torch.Tensor | None, start: int, stop: int,
+                  batch: int) -> int | Sequence[int] | torch.Tensor | None:
+    """The part of a target specification that concerns samples ``start:stop`` of a batch."""
+    if target is None or isinstance(target, int):
+        return target
+    idx = torch.as_tensor(target).flatten()
+    if idx.numel() == 1:
+        return idx
+    if idx.numel() != batch:
+        raise ValueError(f"target has {idx.numel()} entries for a batch of {batch}")
+    return idx[start:stop]
+
+
+def _split_kwargs(kwargs: dict[str, object], start: int, stop: int, batch: int) -> dict[str, object]:
+    """Per-sample tensors of ``kwargs`` (first dimension ``batch``) cut to samples ``start:stop``."""
+    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == batch else v
+            for k, v in kwargs.items()}
+
+
 class Attributor:
     """Base class of attribution methods.
 
@@ -84,6 +124,8 @@ class Attributor:
         target_layer: name of the module the method reads or perturbs, as in
             ``model.named_modules()``; ``None`` uses the method's default for the model.
         upsample_mode: interpolation used to bring the raw map to the input size.
+        batch_size: largest number of slices given to :meth:`attribute` at once; larger batches
+            are processed in chunks (bounding peak memory). ``None``: the whole batch at once.
         params: method parameters, stored on the instance.
 
     Example::
@@ -97,13 +139,18 @@ class Attributor:
     default_layer: str | Callable[[nn.Module], str] | None = None
     #: whether the method's maps are non-negative by definition
     non_negative: bool = True
+    #: whether the model's parameters are frozen (``requires_grad=False``) during a call
+    freeze_parameters: bool = True
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, upsample_mode: str = "bilinear",
-                 **params: object) -> None:
+                 batch_size: int | None = None, **params: object) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
         self.model = model
         self.upsample_mode = upsample_mode
+        self.batch_size = batch_size
         self.params = dict(params)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         if target_layer is None and self.default_layer is not None:
@@ -151,35 +198,83 @@ class Attributor:
             raise RuntimeError(f"layer {self.target_layer!r} was not reached in the forward pass")
         return logits, store["act"]
 
+    def forward_with_activation_leaf(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`forward_with_activation`, but the activation is a fresh autograd leaf.
+
+        The target layer's output is replaced by a detached copy that requires grad, so autograd
+        records only the part of the network after the layer: with frozen parameters (the default
+        during a call) the part before it runs without building a graph. Gradients of the logits
+        with respect to the returned activation are the usual ones.
+        """
+        store: dict[str, torch.Tensor] = {}
+
+        def hook(_module: nn.Module, _inp: object, out: torch.Tensor) -> torch.Tensor:
+            if not isinstance(out, torch.Tensor):
+                raise RuntimeError(f"layer {self.target_layer!r} does not output a single tensor")
+            leaf = out.detach().requires_grad_(True)
+            store["act"] = leaf
+            return leaf
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            logits = self.model(x)
+        finally:
+            handle.remove()
+        if "act" not in store:
+            raise RuntimeError(f"layer {self.target_layer!r} was not reached in the forward pass")
+        return logits, store["act"]
+
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _call_context(self) -> Iterator[None]:
-        was_training = self.model.training
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        frozen = frozen_parameters(self.model) if self.freeze_parameters else contextlib.nullcontext()
         try:
-            yield
+            with frozen, torch.enable_grad():
+                yield
         finally:
             for h in self._handles:
                 h.remove()
             self._handles.clear()
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
-    def __call__(self, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None,
+                 **kwargs: object) -> torch.Tensor:
         """Attribute the batch ``x`` of shape (B, C, H, W).
+
+        ``kwargs`` are method-specific inputs forwarded to :meth:`attribute` (e.g. ``lung_mask``
+        for iGOS++); tensors whose first dimension is the batch size are split with the batch.
 
         Returns:
             float tensor (B, 1, H, W) on ``x``'s device.
 
         Raises:
             ValueError: if ``x`` is not a 4D batch or the target is invalid.
+            RuntimeError: if called inside ``torch.inference_mode()`` (attribution needs autograd).
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects a (B, C, H, W) tensor, got {shape}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{type(self).__name__} needs autograd: call it outside torch.inference_mode()")
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor: no MetaTensor tracking
+        x = x.float() if not x.is_floating_point() else x
+        size = tuple(x.shape[-2:])
+        b = x.shape[0]
+        if b == 0:
+            return x.new_zeros((0, 1, *size), dtype=torch.float32)
+        step = b if self.batch_size is None else self.batch_size
+        maps = []
         with self._call_context():
-            raw = self.attribute(x.float() if not x.is_floating_point() else x, target)
-        return self.upsample(raw, tuple(x.shape[-2:])).to(device=x.device, dtype=torch.float32)
+            for start in range(0, b, max(step, 1)):
+                stop = min(start + step, b)
+                sub_target = target if stop - start == b else _split_target(target, start, stop, b)
+                sub_kwargs = kwargs if stop - start == b else _split_kwargs(kwargs, start, stop, b)
+                raw = self.attribute(x[start:stop], sub_target, **sub_kwargs)
+                maps.append(self.upsample(raw, size).to(device=x.device, dtype=torch.float32))
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=0)
 
     def upsample(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bring a raw map (B, h, w) or (B, 1, h, w) to (B, 1, *size)."""

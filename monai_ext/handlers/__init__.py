@@ -1,5 +1,8 @@
-"""monai_ext.handlers."""
+"""Ignite handlers around the library's attributors and savers."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from monai_ext.handlers.attribution import AttributionHandler
+from monai_ext.handlers.heatmap_saver import HeatmapSaver
+
+__all__ = ["AttributionHandler", "HeatmapSaver"]
