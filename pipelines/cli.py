@@ -29,6 +29,12 @@ EXIT_USAGE = 2  # bad input or arguments
 #: modules of ``pipelines`` that each add one subcommand, in the order of ``--help``
 COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.synth",
+    "pipelines.train",
+    "pipelines.predict",
+    "pipelines.run",
+    "pipelines.demo",
+    "pipelines.calibrate",
+    "pipelines.inspect_cmd",
 )
 
 log = logging.getLogger("ctseverity")

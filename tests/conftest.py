@@ -47,3 +47,18 @@ def lidc_dicom_path() -> Path:
 def shared():
     """``shared("folder/file")`` gives the path of a shared data file, failing if it is missing."""
     return shared_file
+
+
+@pytest.fixture(scope="session")
+def real_semisynthetic(real_ct_path, tmp_path_factory):
+    """The real chest CT with COVID-19-like lesions inserted at about 0, 10, 30, 60 and 80 % of lung volume.
+
+    Returns the folder (``truth.csv``, ``<study>.nii.gz``, ``<study>_lesion.nii.gz``, ``<study>_lung.nii.gz``)
+    and the written records. Made once per test session (lesions from ``monai_ext.data``).
+    """
+    from monai_ext.data.studies import write_studies
+
+    out = tmp_path_factory.mktemp("real_semisynthetic")
+    records = write_studies(out, [0, 10, 30, 60, 80], base=real_ct_path, seed=2024, masks=True,
+                            lung_backend="threshold", prefix="real", progress=False)
+    return out, records

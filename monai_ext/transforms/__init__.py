@@ -15,8 +15,24 @@ from monai_ext.transforms.lung import (
     threshold_lung_mask,
     unet_lung_mask,
 )
+from monai_ext.transforms.slices import (
+    DEFAULT_WINDOW,
+    SliceStack,
+    extract_slices,
+    lung_box,
+    lung_slice_indices,
+    paste_slices,
+    window_hu,
+)
 
 __all__ = [
+    "SliceStack",
+    "extract_slices",
+    "paste_slices",
+    "lung_slice_indices",
+    "lung_box",
+    "window_hu",
+    "DEFAULT_WINDOW",
     "LungMask",
     "LungMaskd",
     "LungMaskD",

@@ -269,3 +269,16 @@ def test_folder_without_dicom(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(NoDicomSeriesError, match="no DICOM series"):
         load_ct(tmp_path / "empty")
+
+
+def test_atomic_outputs_have_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from monai_ext.io import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "result.json", "{}")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary file left

@@ -1,0 +1,305 @@
+"""The ct-severity MONAI bundle: locating it, finalizing a trained model, loading it back.
+
+A trained model lives in a bundle's ``models/`` folder as
+
+- ``model.pt``: the network's state dict;
+- ``model.json``: the network definition (a MONAI config ``_target_`` dict), the input
+  preprocessing (slice size, 2.5D context, HU window), the SHA-256 of ``model.pt`` (checked at
+  every load), validation metrics, calibration of the lesion threshold, and the names of the
+  attribution side files;
+- ``iba_estimator.pt``: the feature mean and std at the IBA bottleneck layer over training slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.metrics import compute_roc_auc
+
+from monai_ext.errors import CTSeverityError, InputNotFoundError, ModelChecksumError
+from monai_ext.io import atomic_path, atomic_write_text
+
+__all__ = [
+    "EMBEDDED_BUNDLE",
+    "bundle_path",
+    "LoadedModel",
+    "load_model",
+    "sha256_file",
+    "network_config",
+    "build_network",
+    "study_probability",
+    "study_metrics",
+    "slice_auc",
+    "predict_slices",
+    "finalize_training",
+    "evaluate_dataset",
+    "write_evaluation",
+    "copy_bundle",
+]
+
+log = logging.getLogger(__name__)
+
+#: the bundle shipped with ct-severity (source checkout or editable install)
+EMBEDDED_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_severity"
+
+
+def bundle_path(path: str | os.PathLike | None = None) -> Path:
+    """The bundle folder: ``path``, else ``$CTSEVERITY_BUNDLE``, else the embedded bundle.
+
+    Raises:
+        InputNotFoundError: if the folder or its ``models/model.json`` is missing.
+    """
+    p = Path(path or os.environ.get("CTSEVERITY_BUNDLE") or EMBEDDED_BUNDLE)
+    if not p.is_dir():
+        raise InputNotFoundError("bundle folder not found", p)
+    if not (p / "models" / "model.json").exists():
+        raise InputNotFoundError("not a trained ct-severity bundle (models/model.json is missing)", p)
+    return p
+
+
+def network_config(target: str, args: dict) -> dict:
+    """A MONAI config dict (``_target_`` plus arguments) for a network."""
+    return {"_target_": str(target), **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(args).items()}}
+
+
+def build_network(target: str, args: dict) -> torch.nn.Module:
+    """Instantiate a network from its ``_target_`` name and arguments (as in a MONAI config)."""
+    return ConfigParser({"net": network_config(target, args)}).get_parsed_content("net")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedModel:
+    """A trained slice classifier with everything needed to use and explain it."""
+
+    network: torch.nn.Module
+    info: dict
+    bundle: Path
+    iba_estimator: object | None = None  # monai_ext.attribution.FeatureEstimator
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def size(self) -> int:
+        return int(self.info["input"]["size"])
+
+    @property
+    def context(self) -> int:
+        return int(self.info["input"].get("context", 0))
+
+    @property
+    def window(self) -> tuple[float, float]:
+        lo, hi = self.info["input"].get("window", (-1350.0, 150.0))
+        return float(lo), float(hi)
+
+    @property
+    def checksum(self) -> str:
+        return str(self.info["sha256"])
+
+    @property
+    def calibration(self) -> dict:
+        return dict(self.info.get("calibration", {}))
+
+
+def load_model(bundle: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load the trained classifier of a bundle, verifying its checksum.
+
+    Args:
+        bundle: bundle folder (default: ``$CTSEVERITY_BUNDLE`` or the embedded bundle).
+        device: where to put the network.
+
+    Raises:
+        InputNotFoundError: no trained model in the bundle.
+        ModelChecksumError: ``model.pt`` does not match the checksum in ``model.json``.
+    """
+    root = bundle_path(bundle)
+    models = root / "models"
+    info = json.loads((models / "model.json").read_text())
+    weights = models / info.get("weights", "model.pt")
+    if not weights.exists():
+        raise InputNotFoundError("model weights missing", weights)
+    digest = sha256_file(weights)
+    if digest != info.get("sha256"):
+        raise ModelChecksumError(f"checksum mismatch (expected {info.get('sha256')}, file has {digest}); "
+                                 "the file is damaged or was replaced", weights)
+    net = ConfigParser({"net": dict(info["network_def"])}).get_parsed_content("net")
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    dev = torch.device(device)
+    net = net.to(dev).eval()
+    est = None
+    if info.get("iba_estimator") and (models / info["iba_estimator"]).exists():
+        from monai_ext.attribution import FeatureEstimator
+
+        est = FeatureEstimator.load(models / info["iba_estimator"])
+    return LoadedModel(net, info, root, est, dev)
+
+
+def study_probability(slice_probs: torch.Tensor | np.ndarray, top_fraction: float = 0.1, min_slices: int = 3) -> float:
+    """Study-level lesion probability from slice probabilities: the mean of the top slices.
+
+    The mean of the highest ``top_fraction`` of slice probabilities (at least ``min_slices``
+    slices) follows a study with lesions on few slices while ignoring a single noisy slice.
+    """
+    p = np.sort(np.asarray(slice_probs, dtype=np.float64).ravel())[::-1]
+    if p.size == 0:
+        return float("nan")
+    k = min(p.size, max(min_slices, int(np.ceil(top_fraction * p.size))))
+    return float(p[:k].mean())
+
+
+def slice_auc(probs: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """ROC AUC of probabilities against 0/1 labels (MONAI's ``compute_roc_auc``); NaN when a class is missing."""
+    y = torch.as_tensor(np.asarray(labels)).long()
+    if y.numel() == 0 or int(y.min()) == int(y.max()):
+        return float("nan")
+    return float(compute_roc_auc(torch.as_tensor(np.asarray(probs, dtype=np.float64)), y))
+
+
+def study_metrics(study_probs: dict[str, float], study_labels: dict[str, int], threshold: float = 0.5) -> dict:
+    """Study accuracy, sensitivity, specificity and AUC at ``threshold``."""
+    ids = sorted(study_probs)
+    p = np.array([study_probs[s] for s in ids])
+    y = np.array([int(study_labels[s]) for s in ids])
+    pred = p >= threshold
+    tp, tn = int((pred & (y == 1)).sum()), int((~pred & (y == 0)).sum())
+    npos, nneg = int((y == 1).sum()), int((y == 0).sum())
+    return {
+        "n_studies": len(ids),
+        "study_accuracy": float((tp + tn) / max(1, len(ids))),
+        "sensitivity": float(tp / npos) if npos else float("nan"),
+        "specificity": float(tn / nneg) if nneg else float("nan"),
+        "study_auc": slice_auc(p, y),
+    }
+
+
+@torch.no_grad()
+def predict_slices(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 64,
+                   device: str | torch.device | None = None) -> torch.Tensor:
+    """Lesion probability (softmax class 1) of each slice, on the CPU."""
+    dev = torch.device(device) if device is not None else next(network.parameters()).device
+    network.eval()
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size].to(dev, dtype=torch.float32)
+        out.append(torch.softmax(network(x).float(), dim=1)[:, 1].cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _dataset_predictions(network: torch.nn.Module, dataset, device) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    probs = predict_slices(network, dataset.images, device=device).numpy()
+    return probs, dataset.labels.numpy(), list(dataset.study)
+
+
+def evaluate_dataset(network: torch.nn.Module, dataset, records: Sequence, device: str | torch.device) -> dict:
+    """Slice AUC and study accuracy, sensitivity, specificity of ``network`` on a :class:`SliceDataset`."""
+    if dataset is None or not len(dataset):
+        return {}
+    probs, labels, studies = _dataset_predictions(network, dataset, device)
+    metrics: dict = {"slice_auc": slice_auc(probs, labels), "n_slices": int(len(labels))}
+    per_study: dict[str, list[float]] = {}
+    for s, p in zip(studies, probs):
+        per_study.setdefault(s, []).append(float(p))
+    lab = {(r.study if hasattr(r, "study") else r["study"]): int(r.label if hasattr(r, "label") else r["label"])
+           for r in records}
+    metrics.update(study_metrics({s: study_probability(v) for s, v in per_study.items()},
+                                 {s: lab[s] for s in per_study}))
+    return metrics
+
+
+def write_evaluation(output_dir: str | os.PathLike, network: torch.nn.Module, dataset, records: Sequence,
+                     device: str | torch.device, engine_metrics: dict | None = None) -> dict:
+    """Write ``metrics.json`` (slice AUC, study accuracy, sensitivity, specificity) and
+    ``slice_predictions.csv`` for an evaluated dataset; return the metrics."""
+    out = Path(output_dir)
+    metrics = evaluate_dataset(network, dataset, records, device)
+    metrics.update({f"engine_{k}": float(v) for k, v in (engine_metrics or {}).items()
+                    if isinstance(v, (int, float))})
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
+    probs, labels, studies = _dataset_predictions(network, dataset, device)
+    lines = ["study,slice,label,lesion_probability"] + [
+        f"{s},{int(z)},{int(y)},{p:.6f}" for s, z, y, p in zip(studies, dataset.z.tolist(), labels, probs)]
+    atomic_write_text(out / "slice_predictions.csv", "\n".join(lines) + "\n")
+    log.info("evaluation written to %s: %s", out, json.dumps(metrics))
+    return metrics
+
+
+def finalize_training(output_dir: str | os.PathLike, network: torch.nn.Module, network_def: dict,
+                      input_cfg: dict, train_dataset, val_dataset, val_records: Sequence, device: str | torch.device,
+                      iba_layer: str | None = None, seed: int = 0, extra: dict | None = None) -> dict:
+    """Write ``model.pt``/``model.json`` (checksum, metrics) and the IBA estimator of a trained network.
+
+    The best checkpoint (by validation slice AUC) is expected at ``output_dir/model.pt`` as written by
+    MONAI's ``CheckpointSaver(key_metric_filename="model.pt")``; if it is missing the current
+    network weights are used.
+
+    Returns:
+        The ``model.json`` content.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "model.pt"
+    if weights.exists():
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        torch.save(state, tmp)
+    network.eval()
+    metrics = evaluate_dataset(network, val_dataset, val_records, device) if val_dataset is not None else {}
+    info = {
+        "format": "ct-severity-model/1",
+        "weights": "model.pt",
+        "sha256": sha256_file(weights),
+        "network_def": network_def,
+        "input": dict(input_cfg),
+        "metrics": metrics,
+        "training": {"seed": seed, "n_train_slices": int(len(train_dataset)) if train_dataset is not None else 0,
+                     **(extra or {})},
+    }
+    if iba_layer in ("", "None", "none", "null"):
+        iba_layer = None
+    if iba_layer is not None and train_dataset is not None and len(train_dataset):
+        from monai_ext.attribution import IBA
+
+        torch.manual_seed(seed)
+        idx = torch.randperm(len(train_dataset))[:2048]
+        est = IBA.fit_estimator(network.to(device), train_dataset.images[idx].float(), layer=iba_layer,
+                                device=device)
+        est.save(out / "iba_estimator.pt")
+        info["iba_estimator"] = "iba_estimator.pt"
+        info["iba_layer"] = iba_layer
+    atomic_write_text(out / "model.json", json.dumps(info, indent=2, sort_keys=True))
+    log.info("model written to %s: %s", out, json.dumps(metrics))
+    return info
+
+
+def copy_bundle(dest: str | os.PathLike, source: str | os.PathLike | None = None, with_models: bool = False) -> Path:
+    """Copy a bundle's configs and docs (and optionally models) to ``dest``."""
+    src = Path(source or EMBEDDED_BUNDLE)
+    dst = Path(dest)
+    dst.mkdir(parents=True, exist_ok=True)
+    for sub in ("configs", "docs") + (("models",) if with_models else ()):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+    (dst / "models").mkdir(exist_ok=True)
+    if not (src / "configs").is_dir():
+        raise CTSeverityError("bundle has no configs folder", src)
+    return dst

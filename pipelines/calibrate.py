@@ -1,0 +1,192 @@
+"""``ctseverity calibrate``: fit the heatmap threshold, minimum lesion volume and lesion rule.
+
+Studies with known lesion percentages (or grades) are run once up to the study-normalized
+heatmap; then every combination of lesion rule, threshold and minimum lesion volume is scored by
+how well it reproduces the known loads: mean absolute error of the lesion percent where percents
+are known, else the share of wrong grades. The best values are written into the bundle's
+``models/model.json`` under ``calibration.methods.<method>``, which ``ctseverity run`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm.auto import tqdm
+
+from monai_ext.data.studies import grade_from_percent
+from monai_ext.errors import CTSeverityError, InputNotFoundError
+from monai_ext.io import atomic_write_text
+from pipelines.bundle import bundle_path, copy_bundle, load_model
+from pipelines.discovery import find_studies
+from pipelines.report import read_truth
+from pipelines.severity import LESION_RULES, abnormal_attenuation
+from pipelines.study import PipelineConfig, compute_evidence, resolve_calibration
+
+__all__ = ["CalibrationFit", "fit_calibration", "write_calibration", "register", "run_calibrate",
+           "THRESHOLDS", "MIN_VOLUMES"]
+
+THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class CalibrationFit:
+    """The best calibration and how well it fits."""
+
+    method: str
+    threshold: float | None
+    min_lesion_ml: float
+    lesion_rule: str
+    slice_gate: float
+    mae_percent: float
+    grade_accuracy: float
+    n_studies: int
+    per_rule: dict = field(default_factory=dict)
+    per_study: list = field(default_factory=list)
+
+    def values(self) -> dict:
+        vals = {"min_lesion_ml": self.min_lesion_ml, "lesion_rule": self.lesion_rule, "slice_gate": self.slice_gate}
+        if self.threshold is not None:
+            vals["threshold"] = self.threshold
+        return vals
+
+
+def _component_sizes(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:]
+
+
+def _score(pred_pct: np.ndarray, truth: list[dict]) -> tuple[float, float, float]:
+    """(objective, MAE of percents, grade accuracy); lower objective is better."""
+    t_pct = np.array([np.nan if t["lesion_percent"] is None else t["lesion_percent"] for t in truth])
+    grades = [grade_from_percent(float(min(100.0, max(0.0, p)))) for p in pred_pct]
+    known = [(g, t["grade"]) for g, t in zip(grades, truth) if t.get("grade") is not None]
+    acc = float(np.mean([g == tg for g, tg in known])) if known else float("nan")
+    has_pct = ~np.isnan(t_pct)
+    mae = float(np.mean(np.abs(pred_pct[has_pct] - t_pct[has_pct]))) if has_pct.any() else float("nan")
+    objective = mae if has_pct.any() else 100.0 * (1.0 - acc)
+    return objective, mae, (0.0 if np.isnan(acc) else acc)
+
+
+def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slice_gate: float,
+                    thresholds: Sequence[float] = THRESHOLDS, min_volumes: Sequence[float] = MIN_VOLUMES,
+                    rules: Sequence[str] = LESION_RULES) -> CalibrationFit:
+    """Grid search over lesion rule x threshold x minimum lesion volume.
+
+    Args:
+        evidence: per study, a :class:`pipelines.study.Evidence`.
+        truth: per study, ``{"lesion_percent", "grade"}``.
+        method: the attribution method (``density`` has no threshold).
+        slice_gate: the slice gate the evidence was computed with (recorded).
+
+    Returns:
+        The best :class:`CalibrationFit`, with the best fit of each rule in ``per_rule``.
+    """
+    if method == "density":
+        rules, thresholds = ("density",), (None,)
+    n = len(evidence)
+    lung_vox = np.array([float(ev.lung.sum()) for ev in evidence])
+    voxel_ml = np.array([float(np.prod(ev.spacing)) / 1000.0 for ev in evidence])
+    best_by_rule: dict[str, tuple] = {}
+    for rule in rules:
+        dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing) if rule == "heatmap-density" else None
+                for ev in evidence] if rule != "density" else [ev.heat > 0 for ev in evidence]
+        for thr in thresholds:
+            sizes = []
+            for i, ev in enumerate(evidence):
+                if rule == "density":
+                    m = dens[i]
+                else:
+                    m = (ev.heat >= thr) & (ev.heat > 0) & ev.lung
+                    if rule == "heatmap-density":
+                        m &= dens[i]
+                sizes.append(_component_sizes(m))
+            for vmin in min_volumes:
+                pct = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i] for i, s in enumerate(sizes)])
+                obj, mae, acc = _score(pct, list(truth))
+                cand = (obj, -acc, thr, vmin, mae, acc, pct)
+                if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
+                    best_by_rule[rule] = cand
+    best_rule = min(best_by_rule, key=lambda r: best_by_rule[r][:2])
+    obj, _, thr, vmin, mae, acc, pct = best_by_rule[best_rule]
+    per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "mae_percent": round(v[4], 3),
+                    "grade_accuracy": round(v[5], 3)} for r, v in best_by_rule.items()}
+    per_study = [{"lesion_percent": round(float(p), 3), "grade": grade_from_percent(min(100.0, float(p))),
+                  "truth_percent": t["lesion_percent"], "truth_grade": t["grade"]} for p, t in zip(pct, truth)]
+    return CalibrationFit(method, None if thr is None else float(thr), float(vmin),
+                          "heatmap-density" if best_rule == "density" else best_rule, float(slice_gate),
+                          float(mae), float(acc), n, per_rule, per_study)
+
+
+def write_calibration(bundle: str | os.PathLike, fit: CalibrationFit, data_note: str = "") -> Path:
+    """Store the fit in ``models/model.json`` of ``bundle`` (under ``calibration.methods.<method>``)."""
+    path = Path(bundle) / "models" / "model.json"
+    info = json.loads(path.read_text())
+    cal = info.setdefault("calibration", {})
+    cal.setdefault("methods", {})[fit.method] = {
+        **fit.values(),
+        "fit": {"mae_percent": round(fit.mae_percent, 3), "grade_accuracy": round(fit.grade_accuracy, 3),
+                "n_studies": fit.n_studies, "per_rule": fit.per_rule, "data": data_note},
+    }
+    atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True))
+    return path
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from pipelines.predict import format_table
+
+    studies = find_studies(args.studies)
+    truth_path = args.truth or (Path(args.studies[0]) / "truth.csv" if Path(args.studies[0]).is_dir() else None)
+    if truth_path is None or not Path(truth_path).exists():
+        raise InputNotFoundError("no truth CSV (give --truth)", truth_path or args.studies[0])
+    truth = read_truth(truth_path)
+    missing = [s.study for s in studies if s.study not in truth]
+    if missing:
+        raise CTSeverityError(f"no truth for {len(missing)} studies, e.g. {', '.join(missing[:3])}", truth_path)
+    model = None if args.method == "density" else load_model(args.bundle, device=args.device)
+    config = PipelineConfig(method=args.method, bundle=args.bundle, lung_mask=args.lung_mask, device=args.device,
+                            batch_size=args.batch_size).validate()
+    gate = resolve_calibration(config, model)["slice_gate"]
+    evidence = [compute_evidence(s, config, model, gate)
+                for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
+    fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate)
+    rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"], v["mae_percent"],
+             v["grade_accuracy"]] for r, v in fit.per_rule.items()]
+    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "mae_percent", "grade_accuracy"], rows))
+    print()
+    print(format_table(["study", "lesion_percent", "grade", "truth_percent", "truth_grade"],
+                       [[s.study, d["lesion_percent"], d["grade"], d["truth_percent"], d["truth_grade"]]
+                        for s, d in zip(studies, fit.per_study)]))
+    print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml "
+          f"(MAE {fit.mae_percent:.2f} points, grade accuracy {fit.grade_accuracy:.2f}, {fit.n_studies} studies)")
+    if args.dry_run:
+        return 0
+    target = Path(args.out) if args.out else bundle_path(args.bundle)
+    if args.out:
+        copy_bundle(target, bundle_path(args.bundle), with_models=True)
+    path = write_calibration(target, fit, data_note=str(truth_path))
+    print(f"calibration written to {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit the lesion threshold and minimum lesion volume to known loads",
+                       description="Fit the heatmap threshold, minimum lesion volume and lesion rule that best "
+                                   "reproduce known lesion percentages (or grades), and write them into a bundle.")
+    p.add_argument("studies", nargs="+", metavar="STUDIES", help="studies (files, folders, manifest)")
+    p.add_argument("--truth", help="CSV with study and lesion_percent and/or grade (default: STUDIES/truth.csv)")
+    p.add_argument("--method", default="iba", choices=["iba", "hirescam", "gradcam", "igospp", "lrp", "density"])
+    p.add_argument("--bundle", help="bundle to calibrate (default: the embedded bundle)")
+    p.add_argument("--out", help="write a calibrated copy of the bundle here instead of updating it in place")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"])
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    p.add_argument("--dry-run", action="store_true", help="print the fit without writing it")
+    p.set_defaults(func=run_calibrate)

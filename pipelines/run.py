@@ -1,0 +1,175 @@
+"""``ctseverity run``: severity grades, heatmaps and lesion masks for a batch of chest CT studies.
+
+Example::
+
+    ctseverity run studies/ --out results/
+    ctseverity run studies/ manifest.csv --out results/ --method hirescam --workers 4 --truth truth.csv
+    ctseverity run studies/ --out results/ --scheduler tcp://10.0.0.5:8786
+
+Per study ``DIR/<study>/`` holds heatmap, lesion and lung masks on the input grid, ``overview.png``
+and ``result.json``; ``DIR/results.csv`` and ``DIR/report.html`` cover the batch. Running again
+into the same DIR skips the studies that are complete. Exit code 0 when every study was graded,
+1 when any failed, 2 for bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from pipelines.methods import METHODS
+from pipelines.severity import LESION_RULES
+
+if TYPE_CHECKING:
+    from pipelines.batch import BatchSummary
+    from pipelines.study import PipelineConfig
+
+__all__ = ["register", "run", "add_run_options", "config_from_args", "print_summary", "resolve_device"]
+
+METHOD_CHOICES = (*METHODS, "density")
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` (or ``None``): ``cuda`` when a GPU is available, else ``cpu``; anything else as given."""
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def add_run_options(p: argparse.ArgumentParser, method_default: str = "iba") -> None:
+    """The options shared by ``run`` and ``demo``: method, bundle, device, workers."""
+    p.add_argument("--method", default=method_default, choices=METHOD_CHOICES,
+                   help=f"attribution method, or density (abnormal attenuation, no classifier) "
+                        f"(default {method_default})")
+    p.add_argument("--bundle", metavar="PATH", help="bundle folder (default: the embedded bundle)")
+    p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default auto)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes (default 1: in this process; N > 1: a local dask cluster, "
+                        "or one worker per GPU with a cuda device)")
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """A :class:`~pipelines.study.PipelineConfig` from parsed arguments (validated).
+
+    Raises:
+        ValueError: a bad setting (method, threshold, minimum lesion volume, batch size).
+    """
+    from pipelines.study import PipelineConfig
+
+    return PipelineConfig(
+        method=args.method,
+        bundle=args.bundle,
+        lung_mask=getattr(args, "lung_mask", "auto"),
+        lung_weights=getattr(args, "lung_weights", None),
+        device=resolve_device(args.device),
+        lesion_rule=getattr(args, "lesion_rule", None),
+        threshold=getattr(args, "threshold", None),
+        min_lesion_ml=getattr(args, "min_lesion_ml", None),
+        batch_size=getattr(args, "batch_size", None) or 16,
+    ).validate()
+
+
+def _cell(v: object, digits: int = 1) -> object:
+    if v in (None, ""):
+        return "-"
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return v
+    return f"{f:.{digits}f}" if math.isfinite(f) else "-"
+
+
+def print_summary(summary: BatchSummary, truth_path: str | None = None) -> None:
+    """Print the results table, the counts, the agreement with truth and where the outputs are."""
+    from pipelines.predict import format_table
+
+    rows = []
+    for r in summary.rows:
+        ok = r["status"] == "ok"
+        rows.append([r["study"], r["status"], r["grade"] if ok else "-", _cell(r["lesion_percent"]),
+                     _cell(r["lung_volume_ml"], 0), _cell(r["lesion_volume_ml"]), _cell(r["n_lesions"], 0),
+                     r["method"], _cell(r["seconds"]), r["error"] or ""])
+    print(format_table(["study", "status", "grade", "lesion_%", "lung_ml", "lesion_ml", "lesions", "method",
+                        "seconds", "error"], rows))
+    print()
+    parts = [f"{summary.n_ok} processed", f"{summary.n_failed} failed"]
+    if summary.n_skipped:
+        parts.append(f"{summary.n_skipped} already complete (skipped)")
+    print(f"{summary.n_ok + summary.n_failed + summary.n_skipped} studies: {', '.join(parts)} "
+          f"in {summary.seconds:.0f} s")
+    if truth_path is not None:
+        from pipelines.report import agreement, read_truth
+
+        truth = read_truth(truth_path)
+        pairs = [(float(r["lesion_percent"]), str(r["grade"]), truth[r["study"]]["lesion_percent"],
+                  truth[r["study"]]["grade"]) for r in summary.rows if r["status"] == "ok" and r["study"] in truth]
+        if pairs:
+            a = agreement(pairs)
+            right = sum(a["confusion"][i][i] for i in range(5))
+            line = f"agreement with {truth_path}: grade right in {right} of {a['n_grade']}"
+            if a["n_grade"]:
+                line += f" ({100 * a['grade_accuracy']:.0f} %), within one grade {100 * a['within_one']:.0f} %"
+            if a["n_percent"]:
+                line += f", lesion-% MAE {a['mae']:.1f} pp"
+                if not math.isnan(a["pearson_r"]):
+                    line += f", Pearson r {a['pearson_r']:.3f}"
+            print(line)
+        else:
+            print(f"agreement with {truth_path}: no graded study is listed there")
+    print(f"results: {summary.results_csv}")
+    if summary.report is not None:
+        print(f"report:  {summary.report}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ctseverity run`` with parsed arguments; returns the exit code."""
+    from pipelines.batch import run_batch
+
+    config = config_from_args(args)
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    summary = run_batch(args.inputs, args.out, config, workers=args.workers, scheduler=args.scheduler,
+                        truth=args.truth, progress=not args.quiet)
+    print_summary(summary, args.truth)
+    return 1 if summary.n_failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``run`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
+    p = sub.add_parser(
+        "run",
+        help="grade a batch of chest CT studies (heatmaps, lesion masks, results.csv, report.html)",
+        description="Lung mask, attribution heatmaps, lesion mask, lesion % of lung volume and grade CT-0..CT-4 "
+                    "for every study; writes DIR/<study>/, DIR/results.csv and DIR/report.html. Studies already "
+                    "complete in DIR (same settings) are skipped. Exit code 1 if any study failed.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="study file, DICOM series folder, folder of studies (recursive), or CSV manifest")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_run_options(p)
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"],
+                   help="lung mask: the lungmask U-Net when its weights are found (auto), or the HU threshold")
+    p.add_argument("--lung-weights", dest="lung_weights", metavar="PATH", help="lungmask U-Net weights file")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask scheduler (tcp://host:8786)")
+    p.add_argument("--truth", metavar="CSV",
+                   help="known lesion_percent and/or grade per study, for the report's agreement figures")
+    p.add_argument("--lesion-rule", dest="lesion_rule", choices=LESION_RULES,
+                   help="heatmap region alone, or intersected with abnormal attenuation (default: the bundle's)")
+    p.add_argument("--threshold", type=float, metavar="T", help="heatmap threshold in [0, 1] (default: the bundle's)")
+    p.add_argument("--min-lesion-ml", dest="min_lesion_ml", type=float, metavar="V",
+                   help="smallest lesion component kept, in ml (default: the bundle's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16, metavar="N",
+                   help="slices per attribution batch (default 16)")
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ctseverity run ...`` as a function (``argv`` without the subcommand name)."""
+    from pipelines.cli import main as cli_main
+
+    return cli_main(["run", *(argv or [])])

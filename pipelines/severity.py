@@ -1,0 +1,184 @@
+"""From evidence to severity: lesion masks, lesion share of the lung, CT-0..CT-4, lesion components.
+
+Two kinds of evidence turn into a lesion mask:
+
+- a heatmap from an attribution method, normalized jointly over the study and thresholded
+  (rule ``heatmap``, as in the IBA paper), optionally intersected with abnormal attenuation
+  (rule ``heatmap-density``);
+- abnormal attenuation alone (method ``density``), the classical quantitative-CT baseline: lung
+  voxels between about -750 and +100 HU, vessels removed by a morphological opening (vessels are
+  thin tubes; ground-glass opacities and consolidations are blobs).
+
+In every case components smaller than a minimum volume are removed; the lesion share is lesion
+voxels over lung voxels, and the grade follows the MosMedData table (see ../shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage import measure
+
+from monai_ext.data.studies import grade_from_percent
+
+__all__ = [
+    "LESION_RULES",
+    "DENSITY_HU",
+    "abnormal_attenuation",
+    "lesion_mask_from_heatmap",
+    "remove_small_components",
+    "lesion_components",
+    "SeverityResult",
+    "severity",
+    "grade_from_percent",
+]
+
+LESION_RULES = ("heatmap", "heatmap-density")
+#: attenuation of ground glass (about -750..-300 HU) up to consolidation (about -100..+60 HU)
+DENSITY_HU = (-750.0, 100.0)
+
+
+def _np(a: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        a = a.as_tensor() if hasattr(a, "as_tensor") else a
+        a = a.numpy()
+    a = np.asarray(a)
+    return a[0] if a.ndim == 4 else a
+
+
+def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    r = [max(0, int(round(radius_mm / float(s)))) for s in spacing]
+    grids = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    return sum((g / max(radius_mm / float(s), 1e-6)) ** 2 for g, s in zip(grids, spacing)) <= 1.0
+
+
+def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                         hu_range: Sequence[float] = DENSITY_HU, vessel_radius_mm: float = 2.0) -> np.ndarray:
+    """Lung voxels of abnormal attenuation with vessels removed (boolean, same grid).
+
+    Args:
+        ct: CT in HU, (X, Y, Z) or (1, X, Y, Z).
+        lung: lung mask on the same grid.
+        spacing: voxel size in mm.
+        hu_range: attenuation counted as abnormal.
+        vessel_radius_mm: structures thinner than about twice this radius (vessels, fissures,
+            airway walls) are removed by a morphological opening in the axial plane.
+
+    Returns:
+        Boolean mask of abnormal lung parenchyma.
+    """
+    img, m = _np(ct), _np(lung) > 0
+    dense = m & (img >= hu_range[0]) & (img <= hu_range[1])
+    if vessel_radius_mm > 0:
+        # open slice by slice with an in-plane disc: thin tubes vanish, blobs stay
+        disc = _ball(vessel_radius_mm, spacing[:2])[:, :, None]
+        dense = ndi.binary_opening(dense, structure=disc)
+    return dense & m
+
+
+def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volume_ml: float) -> np.ndarray:
+    """Drop 26-connected components smaller than ``min_volume_ml``."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_volume_ml <= 0 or not mask.any():
+        return mask
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    sizes = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+    keep = sizes >= min_volume_ml
+    keep[0] = False
+    return keep[labels]
+
+
+def lesion_mask_from_heatmap(heat: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, threshold: float,
+                             rule: str = "heatmap", ct: np.ndarray | torch.Tensor | None = None,
+                             spacing: Sequence[float] = (1.0, 1.0, 1.0), min_volume_ml: float = 0.0,
+                             density_hu: Sequence[float] = DENSITY_HU) -> np.ndarray:
+    """Lesion mask from a study-normalized heatmap in [0, 1].
+
+    Args:
+        heat: heatmap on the CT grid, normalized jointly over the study (``normalize_study``).
+        lung: lung mask.
+        threshold: heatmap level above which a lung voxel is lesion.
+        rule: ``"heatmap"`` (the heatmap region alone) or ``"heatmap-density"`` (intersected with
+            abnormal attenuation; needs ``ct``).
+        ct: CT in HU, for ``heatmap-density``.
+        spacing: voxel size in mm.
+        min_volume_ml: components below this volume are removed.
+
+    Raises:
+        ValueError: unknown rule, or ``heatmap-density`` without the CT.
+    """
+    if rule not in LESION_RULES:
+        raise ValueError(f"lesion rule must be one of {', '.join(LESION_RULES)}, got {rule!r}")
+    h, m = _np(heat), _np(lung) > 0
+    lesion = (h >= threshold) & m & (h > 0)
+    if rule == "heatmap-density":
+        if ct is None:
+            raise ValueError("the heatmap-density rule needs the CT")
+        lesion &= abnormal_attenuation(ct, m, spacing, density_hu)
+    return remove_small_components(lesion, spacing, min_volume_ml)
+
+
+def lesion_components(lesion: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None,
+                      max_listed: int = 50) -> list[dict]:
+    """Connected lesion components (26-connectivity), largest first.
+
+    Returns:
+        One dict per component: ``volume_ml``, ``voxels``, ``centroid_voxel`` (on the grid of
+        ``lesion``) and ``centroid_mm`` (world coordinates through ``affine``, RAS for MONAI
+        affines), at most ``max_listed`` components.
+    """
+    lab = measure.label(np.asarray(lesion, dtype=bool), connectivity=3)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    props = sorted(measure.regionprops(lab), key=lambda p: -p.area)
+    out = []
+    for p in props[:max_listed]:
+        c = np.asarray(p.centroid, dtype=float)
+        item = {"voxels": int(p.area), "volume_ml": round(float(p.area) * voxel_ml, 3),
+                "centroid_voxel": [round(float(v), 2) for v in c]}
+        if affine is not None:
+            aff = np.asarray(affine, dtype=float)
+            item["centroid_mm"] = [round(float(v), 2) for v in aff[:3, :3] @ c + aff[:3, 3]]
+        out.append(item)
+    return out
+
+
+@dataclass
+class SeverityResult:
+    """Lesion share, grade, volumes and components of one study."""
+
+    lesion_percent: float
+    grade: str
+    lung_volume_ml: float
+    lesion_volume_ml: float
+    n_lesions: int
+    lesions: list[dict]
+
+    def to_dict(self) -> dict:
+        return {"lesion_percent": round(self.lesion_percent, 3), "grade": self.grade,
+                "lung_volume_ml": round(self.lung_volume_ml, 2), "lesion_volume_ml": round(self.lesion_volume_ml, 2),
+                "n_lesions": self.n_lesions, "lesions": self.lesions}
+
+
+def severity(lesion: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
+             affine: np.ndarray | None = None) -> SeverityResult:
+    """Lesion percent of lung volume, grade CT-0..CT-4, volumes and components.
+
+    Lesion voxels outside the lung do not count.
+    """
+    m = _np(lung) > 0
+    les = (_np(lesion) > 0) & m
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    n_lung = int(m.sum())
+    if n_lung == 0:
+        raise ValueError("the lung mask is empty")
+    n_les = int(les.sum())
+    pct = 100.0 * n_les / n_lung
+    comps = lesion_components(les, spacing, affine) if n_les else []
+    n_comp = int(measure.label(les, connectivity=3).max()) if n_les else 0
+    return SeverityResult(pct, grade_from_percent(pct), n_lung * voxel_ml, n_les * voxel_ml, n_comp, comps)

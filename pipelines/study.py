@@ -1,0 +1,291 @@
+"""The per-study pipeline: one chest CT in, lung mask, heatmaps, lesion mask, severity and figures out.
+
+load -> lung mask -> lung slices -> classifier -> attribution (class "lesion", batched over
+slices) -> maps back on the CT grid, times the lung mask, slices the classifier scores negative
+zeroed -> joint normalization over the study -> lesion mask (threshold, lesion rule, minimum
+component volume) -> lesion % of lung volume -> CT-0..CT-4 -> outputs on the input grid.
+
+Outputs in ``out_dir/<study>/``: ``heatmap.nii.gz`` (the study-normalized heatmap the threshold
+is applied to), ``lesion_mask.nii.gz``, ``lung_mask.nii.gz``, ``overview.png`` and, written last,
+``result.json``: a study folder with a ``result.json`` is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monai_ext.attribution import normalize_study
+from monai_ext.io import atomic_write_text, load_ct, write_like
+from monai_ext.transforms import LungMask
+from pipelines import __version__
+from pipelines.bundle import LoadedModel, predict_slices, study_probability
+from pipelines.discovery import Study
+from pipelines.methods import METHODS, make_attributor
+from pipelines.severity import (
+    LESION_RULES,
+    abnormal_attenuation,
+    lesion_mask_from_heatmap,
+    remove_small_components,
+    severity,
+)
+
+__all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complete", "DEFAULT_CALIBRATION", "Evidence",
+           "compute_evidence", "lesion_mask"]
+
+#: used when a bundle carries no calibration
+DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-density", "slice_gate": 0.5}
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of a severity run; ``None`` means "the bundle's calibrated value".
+
+    Attributes:
+        method: attribution method (``iba``, ``hirescam``, ``gradcam``, ``igospp``, ``lrp``) or
+            ``density`` (abnormal attenuation, no classifier).
+        bundle: bundle folder (``None``: the embedded bundle).
+        lung_mask: lung mask backend (``auto``, ``lungmask``, ``threshold``).
+        lung_weights: lungmask U-Net weights file.
+        device: torch device.
+        lesion_rule: ``heatmap`` or ``heatmap-density``.
+        threshold: heatmap threshold on the study-normalized map.
+        min_lesion_ml: smallest lesion component kept.
+        slice_gate: slices whose lesion probability is below this contribute no lesion.
+        batch_size: slices per attribution batch.
+        seed: seed for stochastic methods (IBA noise, iGOS++ noise).
+        overview: write ``overview.png``.
+    """
+
+    method: str = "iba"
+    bundle: str | None = None
+    lung_mask: str = "auto"
+    lung_weights: str | None = None
+    device: str = "cpu"
+    lesion_rule: str | None = None
+    threshold: float | None = None
+    min_lesion_ml: float | None = None
+    slice_gate: float | None = None
+    batch_size: int = 16
+    seed: int = 0
+    overview: bool = True
+    method_params: dict = field(default_factory=dict)
+
+    def validate(self) -> PipelineConfig:
+        """Check the settings; raises ``ValueError`` naming the bad one."""
+        if self.method not in (*METHODS, "density"):
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join((*METHODS, 'density'))}")
+        if self.lung_mask not in ("auto", "lungmask", "threshold"):
+            raise ValueError(f"unknown lung mask backend {self.lung_mask!r}")
+        if self.lesion_rule is not None and self.lesion_rule not in LESION_RULES:
+            raise ValueError(f"unknown lesion rule {self.lesion_rule!r}; choose one of {', '.join(LESION_RULES)}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.min_lesion_ml is not None and self.min_lesion_ml < 0:
+            raise ValueError(f"minimum lesion volume must be >= 0, got {self.min_lesion_ml}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        return self
+
+    def fingerprint(self, model_checksum: str = "") -> str:
+        """Hash of everything that changes a study's results (not the device or batch size)."""
+        keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size")}
+        return hashlib.sha256(json.dumps([keys, model_checksum], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_calibration(config: PipelineConfig, model: LoadedModel | None) -> dict:
+    """Threshold, minimum lesion volume, lesion rule and slice gate: the run's own values where set,
+    else the bundle's calibration for the method, else :data:`DEFAULT_CALIBRATION`."""
+    cal = dict(DEFAULT_CALIBRATION)
+    if model is not None:
+        bundle_cal = model.calibration
+        cal.update({k: v for k, v in bundle_cal.items() if k in cal})
+        cal.update(bundle_cal.get("methods", {}).get(config.method, {}))
+    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate"):
+        if getattr(config, key) is not None:
+            cal[key] = getattr(config, key)
+    return cal
+
+
+def is_complete(study_dir: str | os.PathLike, fingerprint: str | None = None) -> bool:
+    """Whether a study folder holds a finished result (of the same settings, if given)."""
+    path = Path(study_dir) / "result.json"
+    if not path.exists():
+        return False
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if res.get("status") != "ok":
+        return False
+    if fingerprint is not None and res.get("fingerprint") != fingerprint:
+        return False
+    return all((Path(study_dir) / f).exists() for f in res.get("outputs", {}).values())
+
+
+def _versions() -> dict:
+    import monai
+
+    return {"ct-severity": __version__, "monai": monai.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def _attribute(model: LoadedModel, config: PipelineConfig, images: torch.Tensor, probs: torch.Tensor,
+               gate: float) -> torch.Tensor:
+    """Maps (N, 1, S, S) of the lesion class for the slices scored positive; zeros elsewhere."""
+    maps = torch.zeros(images.shape[0], 1, images.shape[-2], images.shape[-1])
+    positive = torch.nonzero(probs >= gate).flatten()
+    if positive.numel() == 0:
+        return maps
+    attributor = make_attributor(config.method, model, **config.method_params)
+    torch.manual_seed(config.seed)
+    for i in range(0, positive.numel(), config.batch_size):
+        idx = positive[i:i + config.batch_size]
+        x = images[idx].to(model.device, dtype=torch.float32)
+        maps[idx] = attributor(x, target=1).float().cpu()
+    return maps
+
+
+@dataclass
+class Evidence:
+    """What a study gives before the lesion threshold: CT, lung, the study-normalized heatmap."""
+
+    ct: object  # MetaTensor (1, X, Y, Z), RAS
+    hu: np.ndarray
+    lung: np.ndarray
+    heat: np.ndarray
+    spacing: list[float]
+    slice_info: list[dict]
+    study_probability: float
+    timings: dict[str, float]
+
+
+def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5
+                     ) -> Evidence:
+    """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
+
+    For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1).
+    """
+    from monai_ext.transforms.slices import extract_slices, paste_slices
+
+    config.validate()
+    if model is None and config.method != "density":
+        raise ValueError(f"method {config.method!r} needs a model")
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ct = load_ct(study.path)
+    spacing = [float(v) for v in ct.pixdim.tolist()]
+    t["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    lung_t = LungMask(backend=config.lung_mask, weights_path=config.lung_weights)(ct)
+    lung = np.asarray(lung_t[0]) > 0
+    t["lung_mask"] = time.perf_counter() - t0
+    hu = np.asarray(ct[0])
+    if config.method == "density":
+        t0 = time.perf_counter()
+        heat = abnormal_attenuation(hu, lung, spacing).astype(np.float32)
+        t["attribution"] = time.perf_counter() - t0
+        return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t)
+    t0 = time.perf_counter()
+    stack = extract_slices(ct, lung_t, spacing, size=model.size, context=model.context, window=model.window)
+    t["slices"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs = predict_slices(model.network, stack.images, batch_size=max(config.batch_size, 32), device=model.device)
+    t["classify"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maps = _attribute(model, config, stack.images, probs, slice_gate)
+    t["attribution"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    raw = paste_slices(maps, stack).numpy() * lung
+    heat = np.asarray(normalize_study(raw, lung), dtype=np.float32)
+    t["normalize"] = time.perf_counter() - t0
+    slice_info = [{"index": int(z), "probability": round(float(p), 5)} for z, p in zip(stack.indices, probs)]
+    return Evidence(ct, hu, lung, heat, spacing, slice_info, study_probability(probs), t)
+
+
+def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
+    """The lesion mask of a study's evidence under a calibration (threshold, rule, minimum volume)."""
+    if method == "density":
+        return remove_small_components(evidence.heat > 0, evidence.spacing, cal["min_lesion_ml"])
+    return lesion_mask_from_heatmap(evidence.heat, evidence.lung, cal["threshold"], cal["lesion_rule"],
+                                    ct=evidence.hu, spacing=evidence.spacing, min_volume_ml=cal["min_lesion_ml"])
+
+
+def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, model: LoadedModel | None
+                  ) -> dict:
+    """Run the whole pipeline on one study and write its outputs.
+
+    Args:
+        study: the study (name and input path).
+        out_dir: batch output folder; the study's outputs go to ``out_dir/<study>/``.
+        config: run settings.
+        model: the loaded classifier (not needed for ``method="density"``).
+
+    Returns:
+        The content of ``result.json``.
+
+    Raises:
+        CTSeverityError subclasses for unreadable or unsuitable input.
+    """
+    t_all = time.perf_counter()
+    cal = resolve_calibration(config, model)
+    sdir = Path(out_dir) / study.study
+    sdir.mkdir(parents=True, exist_ok=True)
+    ev = compute_evidence(study, config, model, cal["slice_gate"])
+    t = dict(ev.timings)
+    t0 = time.perf_counter()
+    lesion = lesion_mask(ev, config.method, cal)
+    rule = "density" if config.method == "density" else cal["lesion_rule"]
+    t["lesion_mask"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sev = severity(lesion, ev.lung, ev.spacing, affine=ev.ct.affine.numpy())
+    t["severity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    outputs = {"heatmap": "heatmap.nii.gz", "lesion_mask": "lesion_mask.nii.gz", "lung_mask": "lung_mask.nii.gz"}
+    affine = ev.ct.affine
+    write_like(ev.heat.astype(np.float32), ev.ct.meta, sdir / outputs["heatmap"], affine=affine)
+    write_like(lesion.astype(np.uint8), ev.ct.meta, sdir / outputs["lesion_mask"], affine=affine)
+    write_like(ev.lung.astype(np.uint8), ev.ct.meta, sdir / outputs["lung_mask"], affine=affine)
+    t["write"] = time.perf_counter() - t0
+    if config.overview:
+        from pipelines.figures import overview_png
+
+        t0 = time.perf_counter()
+        overview_png(ev.hu, ev.lung, ev.heat, lesion, sdir / "overview.png", title=f"{study.study}: {sev.grade} "
+                     f"({sev.lesion_percent:.1f} % of lung), {config.method}")
+        outputs["overview"] = "overview.png"
+        t["overview"] = time.perf_counter() - t0
+    t["total"] = time.perf_counter() - t_all
+
+    dens = config.method == "density"
+    result = {
+        "study": study.study,
+        "input": str(study.path),
+        "status": "ok",
+        "method": config.method,
+        "lesion_rule": rule,
+        "threshold": None if dens else cal["threshold"],
+        "min_lesion_ml": cal["min_lesion_ml"],
+        "slice_gate": None if dens else cal["slice_gate"],
+        "model": None if model is None else {"bundle": str(model.bundle), "sha256": model.checksum},
+        **sev.to_dict(),
+        "study_probability": None if np.isnan(ev.study_probability) else round(ev.study_probability, 5),
+        "slices": ev.slice_info,
+        "spacing_mm": [round(s, 5) for s in ev.spacing],
+        "shape": [int(s) for s in ev.ct.meta["spatial_shape"]],
+        "timings_s": {k: round(v, 3) for k, v in t.items()},
+        "versions": _versions(),
+        "fingerprint": config.fingerprint(model.checksum if model is not None else ""),
+        "outputs": outputs,
+    }
+    atomic_write_text(sdir / "result.json", json.dumps(result, indent=2))
+    return result

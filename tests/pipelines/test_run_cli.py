@@ -1,0 +1,95 @@
+"""``ctseverity run`` and ``ctseverity demo`` end to end, and the bundle's inference config agreeing with them."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from pipelines.batch import RESULT_COLUMNS
+from pipelines.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+INFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "bundles" / "ct_severity" / "configs" / "inference.json"
+
+
+def read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_run_prints_table_agreement_and_report(tiny_studies, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["-q", "run", str(tiny_studies), "--out", str(out), "--method", "density",
+               "--truth", str(tiny_studies / "truth.csv")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for study in ("synth_000_f00", "synth_001_f20", "synth_002_f45"):
+        assert study in printed
+    assert "3 studies: 3 processed, 0 failed" in printed
+    assert f"agreement with {tiny_studies / 'truth.csv'}: grade right in" in printed
+    assert f"report:  {out / 'report.html'}" in printed
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == list(RESULT_COLUMNS) and [r["status"] for r in rows] == ["ok"] * 3
+    report = (out / "report.html").read_text()
+    assert "class='conf'" in report and "lesion percent scatter" in report
+
+    rc = main(["-q", "run", str(tiny_studies), "--out", str(out), "--method", "density"])  # again: all skipped
+    assert rc == 0 and "3 already complete (skipped)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "1.5"], "threshold must be in [0, 1]"),
+        (["--truth", "/no/such/truth.csv"], "truth file not found"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--method", "hirescam", "--bundle", "/no/such/bundle"], "bundle folder not found"),
+    ],
+)
+def test_bad_arguments_exit_2(tiny_studies, tmp_path, capsys, extra, message):
+    rc = main(["-q", "run", str(tiny_studies), "--out", str(tmp_path / "out"), "--method", "density", *extra])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_missing_input_exits_2(tmp_path, capsys):
+    assert main(["-q", "run", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--method", "density"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_bundle_inference_config_agrees_with_the_cli(tiny_studies, tiny_bundle_ungated, tmp_path):
+    from monai.bundle import run as bundle_run
+
+    by_bundle, by_cli = tmp_path / "bundle_out", tmp_path / "cli_out"
+    bundle_run(run_id="run", init_id="initialize", config_file=str(INFERENCE_CONFIG),
+               bundle_root=str(tiny_bundle_ungated), dataset_dir=str(tiny_studies), output_dir=str(by_bundle),
+               method="hirescam", device="$torch.device('cpu')")
+    rc = main(["-q", "run", str(tiny_studies), "--out", str(by_cli), "--bundle", str(tiny_bundle_ungated),
+               "--method", "hirescam", "--device", "cpu"])
+    assert rc == 0
+    rows = read_csv(by_bundle / "results.csv")
+    assert [r["study"] for r in rows] == ["synth_000_f00", "synth_001_f20", "synth_002_f45"]
+    assert all(r["status"] == "ok" and r["method"] == "hirescam" for r in rows)
+    assert any(float(r["lesion_percent"]) > 0 for r in rows)
+    assert without_seconds(rows) == without_seconds(read_csv(by_cli / "results.csv"))
+    assert (by_bundle / "report.html").exists()
+
+
+def test_demo_writes_studies_truth_and_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["-q", "demo", "--out", str(out), "--studies", "2", "--method", "density"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert (out / "studies" / "truth.csv").exists()
+    assert [r["study"] for r in read_csv(out / "results.csv")] == ["synth_000_f00", "synth_001_f10"]
+    assert "agreement with" in printed and f"report:  {out / 'report.html'}" in printed
+    assert "lesion percent scatter" in (out / "report.html").read_text()

@@ -1,0 +1,117 @@
+"""Lesion masks from evidence, lesion share, grades and components, on hand-built volumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monai_ext.errors import CTSeverityError
+from pipelines.calibrate import fit_calibration
+from pipelines.report import read_truth
+from pipelines.severity import (
+    abnormal_attenuation,
+    grade_from_percent,
+    lesion_mask_from_heatmap,
+    remove_small_components,
+    severity,
+)
+from pipelines.study import Evidence
+
+
+def _lung_with_lesions():
+    """40x40x10 lung block at -850 HU with a 10x10x4 ground-glass cube, a 2x2x2 one, and a vessel."""
+    hu = np.full((50, 50, 12), 40.0)
+    lung = np.zeros(hu.shape, bool)
+    lung[5:45, 5:45, 1:11] = True
+    hu[lung] = -850.0
+    lesion = np.zeros(hu.shape, bool)
+    lesion[10:20, 10:20, 3:7] = True  # 400 voxels
+    lesion[30:32, 30:32, 5:7] = True  # 8 voxels
+    hu[lesion] = -500.0
+    hu[25, 5:45, 1:11] = 40.0  # a one-voxel-thin vessel across the lung
+    return hu, lung, lesion
+
+
+def test_severity_percent_grade_volumes_components():
+    hu, lung, lesion = _lung_with_lesions()
+    res = severity(lesion, lung, (2.0, 2.0, 2.5), affine=np.diag([2.0, 2.0, 2.5, 1.0]))
+    assert res.lesion_percent == pytest.approx(100 * 408 / 16000)
+    assert res.grade == "CT-1"
+    assert res.lung_volume_ml == pytest.approx(16000 * 10 / 1000)
+    assert res.lesion_volume_ml == pytest.approx(408 * 10 / 1000)
+    assert res.n_lesions == 2
+    assert res.lesions[0]["voxels"] == 400 and res.lesions[1]["voxels"] == 8
+    assert res.lesions[0]["centroid_voxel"] == [14.5, 14.5, 4.5]
+    assert res.lesions[0]["centroid_mm"] == [29.0, 29.0, 11.25]
+    lesion_outside = np.zeros_like(lesion)
+    lesion_outside[0:3, 0:3, 0] = True
+    assert severity(lesion_outside, lung, (1, 1, 1)).grade == "CT-0"  # lesion outside the lung does not count
+
+
+@pytest.mark.parametrize(("share", "grade"), [(0.0, "CT-0"), (0.25, "CT-1"), (0.5, "CT-2"), (0.7, "CT-3"),
+                                              (0.75, "CT-4"), (1.0, "CT-4")])
+def test_grade_boundaries(share, grade):
+    lung = np.ones((10, 10, 4), bool)
+    lesion = np.zeros_like(lung)
+    lesion.reshape(-1)[: int(round(share * lung.size))] = True
+    assert severity(lesion, lung, (1, 1, 1)).grade == grade
+
+
+def test_small_components_removed_by_volume():
+    _, lung, lesion = _lung_with_lesions()
+    kept = remove_small_components(lesion, (2.0, 2.0, 2.5), min_volume_ml=0.5)  # 8 voxels = 0.08 ml
+    assert kept.sum() == 400
+
+
+def test_abnormal_attenuation_keeps_blobs_drops_thin_vessels():
+    hu, lung, lesion = _lung_with_lesions()
+    dense = abnormal_attenuation(hu, lung, (1.0, 1.0, 2.5), vessel_radius_mm=1.5)
+    assert dense[lesion].mean() > 0.9  # the ground-glass cube survives the opening
+    assert not dense[25, 5:45, 1:11].any()  # the thin vessel is gone
+
+
+def test_heatmap_rules():
+    hu, lung, lesion = _lung_with_lesions()
+    heat = np.zeros(hu.shape, np.float32)
+    heat[8:22, 8:22, 2:8] = 0.9  # a blurry blob larger than the lesion
+    plain = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap")
+    assert plain.sum() == 14 * 14 * 6
+    sharp = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density", ct=hu, spacing=(1.0, 1.0, 2.5))
+    # intersected with attenuation: the lesion minus its corners, which the vessel-removing opening rounds
+    assert sharp.sum() <= 400 and (sharp & lesion).sum() >= 0.85 * 400
+    with pytest.raises(ValueError, match="needs the CT"):
+        lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density")
+    with pytest.raises(ValueError, match="lesion rule"):
+        lesion_mask_from_heatmap(heat, lung, 0.5, "blobs")
+
+
+def test_calibration_recovers_the_threshold_that_matches_truth():
+    """Heatmaps decay away from each lesion; truth is the lesion share: the fit finds the level that
+    reproduces it."""
+    evidence, truth = [], []
+    for half in (4, 7, 10):
+        lung = np.zeros((40, 40, 8), bool)
+        lung[2:38, 2:38, :] = True
+        dist = np.sqrt(((np.indices((40, 40)) - 20.0) ** 2).sum(0))[:, :, None].repeat(8, 2)
+        heat = np.clip(1.0 - dist / (2.0 * half), 0, 1).astype(np.float32)  # 0.5 exactly at radius = half
+        hu = np.full(lung.shape, -850.0)
+        hu[dist <= half] = -400.0
+        true = (dist <= half) & lung
+        evidence.append(Evidence(None, hu, lung, heat, [1.0, 1.0, 1.0], [], 0.9, {}))
+        pct = 100.0 * true.sum() / lung.sum()
+        truth.append({"lesion_percent": pct, "grade": grade_from_percent(pct)})
+    fit = fit_calibration(evidence, truth, "hirescam", 0.5, thresholds=(0.3, 0.4, 0.5, 0.6, 0.7),
+                          min_volumes=(0.0, 1.0))
+    assert fit.per_rule["heatmap"]["threshold"] == 0.5
+    assert fit.per_rule["heatmap"]["mae_percent"] < 0.5
+    assert fit.mae_percent < 0.5 and fit.grade_accuracy == 1.0
+
+
+def test_read_truth(tmp_path):
+    (tmp_path / "t.csv").write_text("study,lesion_percent,grade\na,0,CT-0\nb,30.5,\nc,,CT-3\n")
+    t = read_truth(tmp_path / "t.csv")
+    assert t == {"a": {"lesion_percent": 0.0, "grade": "CT-0"}, "b": {"lesion_percent": 30.5, "grade": "CT-2"},
+                 "c": {"lesion_percent": None, "grade": "CT-3"}}
+    (tmp_path / "bad.csv").write_text("study,grade\na,CT-9\n")
+    with pytest.raises(CTSeverityError, match="CT-9"):
+        read_truth(tmp_path / "bad.csv")
