@@ -205,7 +205,8 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
     t["attribution"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     raw = paste_slices(maps, stack).numpy() * lung
-    heat = np.asarray(normalize_study(raw, lung), dtype=np.float32)
+    # no positive slice (or no evidence at all): nothing to normalize, the study has no lesion
+    heat = np.asarray(normalize_study(raw, lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
     t["normalize"] = time.perf_counter() - t0
     slice_info = [{"index": int(z), "probability": round(float(p), 5)} for z, p in zip(stack.indices, probs)]
     return Evidence(ct, hu, lung, heat, spacing, slice_info, study_probability(probs), t)

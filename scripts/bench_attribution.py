@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None, help="state dict of the DenseNet121 (default random)")
     p.add_argument("--loop-slices", type=int, default=4, help="slices timed for the per-slice loops (default 4)")
     p.add_argument("--iba-batch", type=int, default=2, help="slices IBA optimizes together (default 2)")
-    p.add_argument("--cam-batch", type=int, default=32, help="slices per CAM forward/backward (default 32)")
+    p.add_argument("--cam-batch", type=int, default=8, help="slices per CAM forward/backward (default 8)")
     p.add_argument("--lrp-batch", type=int, default=2, help="slices per LRP propagation (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
