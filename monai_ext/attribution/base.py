@@ -254,6 +254,19 @@ class Attributor:
             ValueError: if ``x`` is not a 4D batch or the target is invalid.
             RuntimeError: if called inside ``torch.inference_mode()`` (attribution needs autograd).
         """
+        return self._maps(x, target, kwargs, upsample=True)
+
+    def raw_maps(self, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None,
+                 **kwargs: object) -> torch.Tensor:
+        """Like calling the attributor, but the maps stay at the resolution the method computes them
+        (the target layer's for CAM methods and IBA): (B, 1, h, w), detached, on ``x``'s device.
+
+        For training objectives that compare maps at a layer (e.g. saliency-guided training).
+        """
+        return self._maps(x, target, kwargs, upsample=False)
+
+    def _maps(self, x: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None, kwargs: dict,
+              upsample: bool) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects a (B, C, H, W) tensor, got {shape}")
@@ -273,16 +286,21 @@ class Attributor:
                 sub_target = target if stop - start == b else _split_target(target, start, stop, b)
                 sub_kwargs = kwargs if stop - start == b else _split_kwargs(kwargs, start, stop, b)
                 raw = self.attribute(x[start:stop], sub_target, **sub_kwargs)
-                maps.append(self.upsample(raw, size).to(device=x.device, dtype=torch.float32))
+                raw = self.upsample(raw, size) if upsample else self._as_map(raw)
+                maps.append(raw.to(device=x.device, dtype=torch.float32))
         return maps[0] if len(maps) == 1 else torch.cat(maps, dim=0)
 
-    def upsample(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Bring a raw map (B, h, w) or (B, 1, h, w) to (B, 1, *size)."""
+    def _as_map(self, raw: torch.Tensor) -> torch.Tensor:
+        """A raw map (B, h, w) or (B, 1, h, w) as a detached float (B, 1, h, w) tensor."""
         if raw.ndim == 3:
             raw = raw.unsqueeze(1)
         if raw.ndim != 4 or raw.shape[1] != 1:
             raise RuntimeError(f"{type(self).__name__}.attribute returned shape {tuple(raw.shape)}")
-        raw = raw.detach().float()
+        return raw.detach().float()
+
+    def upsample(self, raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bring a raw map (B, h, w) or (B, 1, h, w) to (B, 1, *size)."""
+        raw = self._as_map(raw)
         if tuple(raw.shape[-2:]) == tuple(size):
             return raw
         kwargs = {"align_corners": False} if self.upsample_mode in ("bilinear", "bicubic") else {}
