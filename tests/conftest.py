@@ -7,7 +7,9 @@ under CI the data must be present.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,31 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def single_torch_thread() -> Iterator[None]:
+    """One torch thread inside the block: on a shared, busy machine, spinning OpenMP threads make
+    small models several times slower than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def torch_single_thread():
+    """:func:`single_torch_thread`, for session fixtures: ``with torch_single_thread(): ...``."""
+    return single_torch_thread
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run the test with one torch thread (see :func:`single_torch_thread`)."""
+    with single_torch_thread():
+        yield
 
 
 def shared_data_dir() -> Path:

@@ -6,41 +6,19 @@ The embedded model is not needed: :func:`tiny_bundle` trains a throwaway one (on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 #: phantom grid and voxel size of the tiny studies
 TINY_SHAPE = (64, 64, 24)
 TINY_SPACING = (6.0, 6.0, 12.0)
 
 
-@contextlib.contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """One torch thread inside the block: on a shared, busy machine, spinning OpenMP threads make
-    small models several times slower than one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Run the test with one torch thread (see :func:`single_torch_thread`)."""
-    with single_torch_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, torch_single_thread) -> Path:
     """A complete ct-severity bundle with a barely trained classifier (configs, models/model.pt,
     model.json, IBA estimator). Its predictions are meaningless but deterministic."""
     from monai_ext.data.studies import write_studies
@@ -49,7 +27,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("tiny_train_data")
     write_studies(data, [0, 30, 0, 50], shape=TINY_SHAPE, spacing=TINY_SPACING, masks=True, progress=False)
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    with single_torch_thread():
+    with torch_single_thread():
         train_bundle(data, out, epochs=1, overrides={"size": 64})
     return out
 
