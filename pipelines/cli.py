@@ -35,6 +35,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.demo",
     "pipelines.calibrate",
     "pipelines.inspect_cmd",
+    "pipelines.evaluate",
 )
 
 log = logging.getLogger("ctseverity")

@@ -1,0 +1,226 @@
+"""``ctseverity evaluate``: metric tables, curves, overlays and per-slice values on CT studies and on
+real 2D image/mask pairs (MedSeg COVID-19 slices), and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.eval_slices import (
+    DEFAULT_IMAGE_WINDOW,
+    find_image_pairs,
+    image_to_hu,
+    load_eval_slices,
+    lung_mask_2d,
+    pick_slices,
+)
+from pipelines.evaluate import LOCALIZATION_METRICS, METRIC_ORDER
+
+#: fast metric settings for the tests
+FAST = ["--steps", "6", "--bootstrap", "100", "--sensitivity-slices", "2", "--sensitivity-samples", "2",
+        "--examples", "2"]
+#: plausible range of each metric's mean
+RANGES = {"aopc": (-1, 1), "insertion": (0, 1), "deletion": (0, 1), "average_drop": (0, 100),
+          "average_increase": (0, 100), "max_sensitivity": (0, math.inf), "haas": (0, math.inf),
+          **{m: (0, 1) for m in LOCALIZATION_METRICS}}
+
+
+@pytest.fixture(scope="module")
+def eval_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny phantom studies (0 and 30 % lesion) with lesion and lung masks and truth.csv."""
+    from monai_ext.data.studies import write_studies
+
+    out = tmp_path_factory.mktemp("eval_studies")
+    write_studies(out, [0, 30], shape=(64, 64, 16), spacing=(6.0, 6.0, 12.0), masks=True, seed=3, progress=False)
+    return out
+
+
+def _evaluate(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["-q", "evaluate", *argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def _metrics_csv(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path, newline="") as fh:
+        return {(r["method"], r["metric"]): r for r in csv.DictReader(fh)}
+
+
+def _check_table(out: Path, methods: list[str], localization: bool) -> dict[tuple[str, str], dict]:
+    table = _metrics_csv(out / "metrics.csv")
+    assert {m for m, _ in table} == set(methods)
+    for method in methods:
+        for metric in METRIC_ORDER:
+            row = table[(method, metric)]
+            if metric in LOCALIZATION_METRICS and not localization:
+                continue
+            mean, lo, hi = float(row["mean"]), float(row["ci_low"]), float(row["ci_high"])
+            assert all(math.isfinite(v) for v in (mean, lo, hi)), row
+            low, high = RANGES[metric]
+            assert low - 1e-6 <= mean <= high + 1e-6, row
+            assert lo - 1e-9 <= mean <= hi + 1e-9, row
+            assert int(row["n"]) >= 1
+    md = (out / "metrics.md").read_text()
+    for method in methods:
+        assert sum(line.startswith(f"| {method} |") for line in md.splitlines()) >= (2 if localization else 1)
+    for name in ("curves_insertion.png", "curves_deletion.png", "curves_morf.png",
+                 *[f"examples/{m}.png" for m in methods]):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    return table
+
+
+def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_torch_thread):
+    out = tmp_path / "eval"
+    code, stdout, err = _evaluate(capsys, str(eval_studies), "--methods", "hirescam,gradcam", "--out", str(out),
+                                  "--bundle", str(tiny_bundle), "--max-slices", "3", *FAST)
+    assert code == 0, err
+    assert "| hirescam |" in stdout
+    table = _check_table(out, ["hirescam", "gradcam"], localization=True)
+    # the 30 % study gives 3 lesion slices (3 of 3, lesion first), the healthy one 3 negatives
+    assert int(table[("hirescam", "aopc")]["n"]) == 6
+    assert int(table[("hirescam", "pointing_game")]["n"]) == 3
+    assert int(table[("hirescam", "max_sensitivity")]["n"]) == 2
+    with open(out / "per_slice.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12 and {r["method"] for r in rows} == {"hirescam", "gradcam"}
+    healthy = [r for r in rows if r["source"].endswith("f00")]
+    sick = [r for r in rows if r["source"].endswith("f30")]
+    assert len(healthy) == len(sick) == 6
+    assert all(r["label"] == "0" and r["pointing_game"] == "" for r in healthy)
+    assert all(r["label"] == "1" and 0 < float(r["lesion_fraction"]) <= 1 for r in sick)
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "studies" and summary["n_slices"] == 6 and summary["n_localizable"] == 3
+    assert not (out / "severity.csv").exists()
+
+
+def test_evaluate_iba_with_truth(capsys, tmp_path, tiny_bundle, eval_studies, one_torch_thread):
+    """IBA with few steps (through --param), and the severity agreement of the study pipeline."""
+    out = tmp_path / "eval"
+    code, stdout, err = _evaluate(
+        capsys, str(eval_studies), "--methods", "iba,hirescam", "--out", str(out), "--bundle", str(tiny_bundle),
+        "--max-slices", "2", "--param", "iba.steps=2", "--param", "iba.n_samples=2",
+        "--truth", str(eval_studies / "truth.csv"), "--severity-methods", "hirescam", *FAST)
+    assert code == 0, err
+    _check_table(out, ["iba", "hirescam"], localization=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] == {"iba": {"steps": 2, "n_samples": 2}}
+    with open(out / "severity.csv", newline="") as fh:
+        sev = list(csv.DictReader(fh))
+    assert [r["method"] for r in sev] == ["hirescam"] and sev[0]["n_grade"] == "2"
+    assert 0 <= float(sev[0]["grade_accuracy"]) <= 1 and float(sev[0]["mae"]) >= 0
+    assert (out / "severity" / "hirescam" / "results.csv").exists()
+    assert "Severity agreement" in (out / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing", "no such file or folder"),
+    ("unknown_method", "unknown method 'gradcam++'"),
+    ("empty", "no CT studies"),
+    ("bad_param", "METHOD.KEY=VALUE"),
+    ("truth_for_images", "--truth needs CT studies"),
+])
+def test_evaluate_bad_input(capsys, tmp_path, tiny_bundle, eval_studies, case, needle):
+    data, extra = str(eval_studies), ["--methods", "hirescam"]
+    if case == "missing":
+        data = str(tmp_path / "nope")
+    elif case == "unknown_method":
+        extra = ["--methods", "hirescam,gradcam++"]
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        (tmp_path / "empty" / "notes.txt").write_text("nothing to see")
+        data = str(tmp_path / "empty")
+    elif case == "bad_param":
+        extra += ["--param", "iba-steps"]
+    else:
+        img = np.zeros((40, 40), np.uint8)
+        Image.fromarray(img).save(tmp_path / "a.png")
+        Image.fromarray(img).save(tmp_path / "a_mask.png")
+        data, extra = str(tmp_path), extra + ["--truth", str(eval_studies / "truth.csv")]
+    code, _, err = _evaluate(capsys, data, *extra, "--out", str(tmp_path / "out"), "--bundle", str(tiny_bundle))
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("ctseverity")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_pick_slices_lesion_first_and_seeded():
+    labels = [0, 1, 0, 1, 1, 0, 0, 0, -1]
+    a = pick_slices(labels, 4, seed=1, name="s")
+    assert a == pick_slices(labels, 4, seed=1, name="s") and a == sorted(a)
+    assert sum(labels[i] == 1 for i in a) == 3 and sum(labels[i] == 0 for i in a) == 1
+    assert pick_slices(labels, None, 0, "s") == list(range(len(labels)))
+    few = [1, 0, 0, 0, 0]
+    assert sum(few[i] == 0 for i in pick_slices(few, 3, 0, "s")) == 2  # few lesion slices: more negatives
+
+
+def test_flat_2d_pairs_layout(tmp_path, tiny_bundle):
+    """``<name>.png`` + ``<name>_mask.png``: a dark lung with a bright lesion inside, on soft tissue."""
+    from pipelines.bundle import load_model
+
+    img = np.full((90, 120), 200, np.uint8)  # soft tissue
+    img[15:75, 10:55] = 30  # lung (about -940 HU under the default window)
+    img[15:75, 65:110] = 30
+    mask = np.zeros_like(img)
+    mask[30:50, 20:40] = 255
+    img[mask > 0] = 110  # ground glass
+    Image.fromarray(img).save(tmp_path / "s1.png")
+    Image.fromarray(mask).save(tmp_path / "s1_mask.png")
+    Image.fromarray(img).save(tmp_path / "s2.png")  # no mask
+    pairs = find_image_pairs(tmp_path)
+    assert [(p.name, p.mask is not None) for p in pairs] == [("s1", True), ("s2", False)]
+    data = load_eval_slices(tmp_path, load_model(tiny_bundle), progress=False)
+    assert data.kind == "images" and len(data) == 2 and data.images.shape[1:] == (1, 64, 64)
+    assert data.has_mask.tolist() == [True, False] and data.labels.tolist() == [1, -1]
+    assert data.localizable.tolist() == [True, False]
+    # both lungs and the lesion are in the lung mask; the soft tissue is not
+    lung_share = float(data.lung[0].float().mean())
+    assert 0.3 < lung_share < 0.6
+    assert bool((data.lesion[0] <= data.lung[0]).all())
+
+
+def test_medseg_pairs(shared):
+    """Real MedSeg COVID-19 slices with expert masks: pairing, HU assumption, 2D lung masks."""
+    images = shared("medseg_slices_infnet/test/images/18.jpg").parent
+    pairs = find_image_pairs(images.parents[1])
+    assert len(pairs) == 98 and all(p.mask for p in pairs) and len({p.name for p in pairs}) == 98
+    p18 = next(p for p in pairs if p.name == "test/18")
+    assert Path(p18.mask).parent.name == "infection_mask"
+    assert image_to_hu(np.array([0.0, 255.0]), DEFAULT_IMAGE_WINDOW).tolist() == list(DEFAULT_IMAGE_WINDOW)
+    for name in ("test/18", "test/59", "train/10"):
+        pair = next(p for p in pairs if p.name == name)
+        gray = np.asarray(Image.open(pair.image).convert("L"), dtype=np.float32)
+        lesion = np.asarray(Image.open(pair.mask)) > 0
+        lung = lung_mask_2d(image_to_hu(gray), lesion)
+        # the lung holds every lesion pixel and the dark parenchyma, not the bright mediastinum
+        assert bool(lung[lesion].all())
+        assert 0.2 < lung.mean() < 0.8
+        assert np.median(gray[lung]) < np.median(gray[~lung])
+
+
+def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
+    """The CLI on 2 real MedSeg slices with the default (embedded) model."""
+    root = shared("medseg_slices_infnet/SHA256SUMS").parent
+    out = tmp_path / "eval"
+    code, _, err = _evaluate(capsys, str(root), "--methods", "hirescam", "--out", str(out), "--max-images", "2",
+                             *FAST)
+    assert code == 0, err
+    _check_table(out, ["hirescam"], localization=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "images" and summary["n_slices"] == 2 and summary["n_localizable"] == 2
+    assert "HU = -1100 + gray / 255" in summary["notes"][0]
+    with open(out / "per_slice.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and all(r["source"].split("/")[0] in ("test", "train") for r in rows)
+    assert all(0 < float(r["lesion_fraction"]) <= 1 and r["label"] == "1" for r in rows)
+    assert all(torch.isfinite(torch.tensor(float(r["energy_pointing_game"]))) for r in rows)
