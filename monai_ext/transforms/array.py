@@ -50,7 +50,8 @@ class LungMask(Transform):
         batch_size: slices per U-Net forward pass.
         min_lung_ml: less lung than this raises :class:`~monai_ext.errors.NoLungFoundError`.
         **threshold_kwargs: further parameters of the threshold method (``air_hu``, ``body_hu``,
-            ``airway_hu``, ``max_airway_ml``, ``working_mm``, ``closing_mm``).
+            ``airway_hu``, ``max_airway_ml``, ``working_mm``, ``closing_mm``, ``fill_lesions``:
+            ``True`` by default, adds the dense lesions that an air threshold misses).
 
     Returns:
         A ``uint8`` ``MetaTensor`` (1, X, Y, Z) with the input's affine and meta data: 0 background,
