@@ -42,6 +42,7 @@ __all__ = [
     "slice_auc",
     "predict_slices",
     "finalize_training",
+    "fit_iba_estimator",
     "evaluate_dataset",
     "write_evaluation",
     "copy_bundle",
@@ -241,6 +242,21 @@ def write_evaluation(output_dir: str | os.PathLike, network: torch.nn.Module, da
     return metrics
 
 
+def fit_iba_estimator(network: torch.nn.Module, dataset, layer: str, device: str | torch.device, seed: int = 0,
+                      max_slices: int = 2048):
+    """The IBA feature statistics of ``network`` at ``layer`` over (at most ``max_slices``, drawn with
+    ``seed``) slices of a :class:`~pipelines.datasets.SliceDataset`, without its augmentation.
+
+    Returns:
+        A :class:`~monai_ext.attribution.FeatureEstimator`.
+    """
+    from monai_ext.attribution import IBA
+
+    torch.manual_seed(seed)
+    idx = torch.randperm(len(dataset))[:max_slices]
+    return IBA.fit_estimator(network.to(device), dataset.images[idx].float(), layer=layer, device=device)
+
+
 def finalize_training(output_dir: str | os.PathLike, network: torch.nn.Module, network_def: dict,
                       input_cfg: dict, train_dataset, val_dataset, val_records: Sequence, device: str | torch.device,
                       iba_layer: str | None = None, seed: int = 0, extra: dict | None = None) -> dict:
@@ -277,12 +293,7 @@ def finalize_training(output_dir: str | os.PathLike, network: torch.nn.Module, n
     if iba_layer in ("", "None", "none", "null"):
         iba_layer = None
     if iba_layer is not None and train_dataset is not None and len(train_dataset):
-        from monai_ext.attribution import IBA
-
-        torch.manual_seed(seed)
-        idx = torch.randperm(len(train_dataset))[:2048]
-        est = IBA.fit_estimator(network.to(device), train_dataset.images[idx].float(), layer=iba_layer,
-                                device=device)
+        est = fit_iba_estimator(network, train_dataset, iba_layer, device, seed)
         est.save(out / "iba_estimator.pt")
         info["iba_estimator"] = "iba_estimator.pt"
         info["iba_layer"] = iba_layer
