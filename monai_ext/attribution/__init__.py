@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from monai_ext.attribution.base import Attributor, frozen_parameters, gather_scores, resolve_layer, select_target
+from monai_ext.attribution.folding import fold_model, split_model
 from monai_ext.attribution.gradcam import GradCAM
 from monai_ext.attribution.hirescam import HiResCAM
-from monai_ext.attribution.iba import IBA, FeatureEstimator, split_model
+from monai_ext.attribution.iba import IBA, FeatureEstimator
 from monai_ext.attribution.igos import IGOS, IGOSPP
 from monai_ext.attribution.lrp import LRP, LRP_RULES
 from monai_ext.attribution.normalize import (
@@ -31,6 +32,7 @@ __all__ = [
     "IBA",
     "FeatureEstimator",
     "split_model",
+    "fold_model",
     "IGOS",
     "IGOSPP",
     "LRP",

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from monai_ext.attribution.base import Attributor, gather_scores, select_target
-from monai_ext.attribution.iba import split_model
+from monai_ext.attribution.folding import split_model
 from monai_ext.networks.factory import default_cam_layer
 
 __all__ = ["GradCAM", "activation_and_gradient"]

@@ -46,256 +46,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.networks import nets
-from monai.networks.nets import densenet
 from torch import nn
 
 from monai_ext.attribution.base import Attributor, resolve_layer, select_target
+from monai_ext.attribution.folding import split_model
 from monai_ext.io.atomic import atomic_path
 from monai_ext.networks.factory import default_iba_layer
 
-__all__ = ["IBA", "FeatureEstimator", "split_model"]
+__all__ = ["IBA", "FeatureEstimator"]
 
 _FORMAT = "ct-severity/iba-feature-estimator"
 
 
 # ------------------------------------------------------------------------------------------------
-# splitting a model into the part before a layer and the part after it
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return torch.flatten(x, 1)
-
-
-def _sequential_view(module: nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
-    """The modules that ``module.forward`` applies one after the other, or ``None`` if unknown."""
-    kind = type(module)
-    if isinstance(module, nn.Sequential) and kind.forward is nn.Sequential.forward:
-        return list(module.named_children())
-    if isinstance(module, nets.DenseNet) and kind.forward is nets.DenseNet.forward:
-        return [("features", module.features), ("class_layers", module.class_layers)]
-    if isinstance(module, nets.ResNet) and kind.forward is nets.ResNet.forward:
-        view: list = [("conv1", module.conv1), ("bn1", module.bn1), ("act", module.act)]
-        if not module.no_max_pool:
-            view.append(("maxpool", module.maxpool))
-        view += [(f"layer{i}", getattr(module, f"layer{i}")) for i in range(1, 5)]
-        view += [("avgpool", module.avgpool), ("", _flatten)]
-        if module.fc is not None:
-            view.append(("fc", module.fc))
-        return view
-    if isinstance(module, nets.SENet) and kind.forward is nets.SENet.forward:
-        view = [(f"layer{i}", getattr(module, f"layer{i}")) for i in range(5)]
-        view.append(("adaptive_avg_pool", module.adaptive_avg_pool))
-        if module.dropout is not None:
-            view.append(("dropout", module.dropout))
-        view += [("", _flatten), ("last_linear", module.last_linear)]
-        return view
-    return None
-
-
-def _chain(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def run(x: torch.Tensor) -> torch.Tensor:
-        for fn in fns:
-            x = fn(x)
-        return x
-
-    return run
-
-
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel (eval mode)."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def _is_eval_bn(m: nn.Module) -> bool:
-    return type(m) is nn.BatchNorm2d and not m.training and m.running_var is not None
-
-
-def _is_pointwise_conv(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
-            and m.dilation == (1, 1) and m.groups == 1)
-
-
-def _is_relu(m: nn.Module) -> bool:
-    return type(m) is nn.ReLU
-
-
-class _BnReluPointwiseConv:
-    """``conv(relu(bn(x)))`` for an eval-mode batch norm and a 1x1 convolution, in fewer passes.
-
-    With the norm's per-channel scale ``s > 0``, ``relu(s * x + t) = s * relu(x + t / s)``: the scale
-    moves into the convolution's weights, leaving an addition (whose backward pass is free) and a
-    ReLU instead of a normalization and a ReLU. A batch norm right after the convolution
-    (``post``) is folded into its weights and bias. Where a scale is not positive, the norm is kept
-    as it is (only ``post`` is folded).
-    """
-
-    def __init__(self, bn: nn.Module, conv: nn.Module, post: nn.Module | None = None) -> None:
-        with torch.no_grad():
-            weight = conv.weight
-            bias = conv.bias if conv.bias is not None else torch.zeros(weight.shape[0], device=weight.device,
-                                                                          dtype=weight.dtype)
-            scale, shift = _bn_affine(bn)
-            self.shift: torch.Tensor | None = None
-            self.bn: nn.Module | None = bn
-            if bool((scale > 0).all()):
-                self.bn = None
-                self.shift = (shift / scale).view(1, -1, 1, 1).to(weight.dtype)
-                weight = weight * scale.view(1, -1, 1, 1)
-            if post is not None:
-                post_scale, post_shift = _bn_affine(post)
-                weight = weight * post_scale.view(-1, 1, 1, 1)
-                bias = bias * post_scale + post_shift
-            self.weight = weight.to(conv.weight.dtype).contiguous()
-            self.bias = bias.to(conv.weight.dtype)
-
-    def activate(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(bn(x))`` up to the per-channel scale moved into the weights."""
-        return torch.relu_(self.bn(x) if self.bn is not None else x + self.shift)
-
-    def conv(self, h: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(h, self.weight, self.bias)
-
-
-class _FoldedDenseLayer:
-    """A MONAI ``_DenseLayer`` in eval mode (norm1, relu1, conv1, norm2, relu2, conv2[, dropout])
-    computed with :class:`_BnReluPointwiseConv` for its first half. Built per call, from the
-    current parameters."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        seq = layer.layers
-        self.first = _BnReluPointwiseConv(seq.norm1, seq.conv1, seq.norm2)
-        self.conv2 = seq.conv2
-        self.dropout = getattr(seq, "dropout", None)
-
-    @staticmethod
-    def applies_to(layer: nn.Module) -> bool:
-        seq = getattr(layer, "layers", None)
-        if not isinstance(layer, densenet._DenseLayer) or not isinstance(seq, nn.Sequential):
-            return False
-        names = [n for n, _ in seq.named_children()]
-        if names not in (["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"],
-                         ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2", "dropout"]):
-            return False
-        return (_is_eval_bn(seq.norm1) and _is_relu(seq.relu1) and _is_pointwise_conv(seq.conv1)
-                and _is_eval_bn(seq.norm2) and _is_relu(seq.relu2))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu_(self.first.conv(self.first.activate(x)))
-        h = self.conv2(h)
-        if self.dropout is not None:
-            h = self.dropout(h)
-        return torch.cat([x, h], 1)
-
-
-class _FoldedTransition:
-    """A MONAI ``_Transition`` in eval mode (norm, relu, 1x1 conv, 2x2 average pooling): the
-    pooling, linear like the 1x1 convolution, runs first, so the convolution sees 4x fewer pixels."""
-
-    def __init__(self, transition: nn.Module) -> None:
-        self.first = _BnReluPointwiseConv(transition.norm, transition.conv)
-
-    @staticmethod
-    def applies_to(module: nn.Module) -> bool:
-        if not isinstance(module, densenet._Transition) or type(module).forward is not nn.Sequential.forward:
-            return False
-        if [n for n, _ in module.named_children()] != ["norm", "relu", "conv", "pool"]:
-            return False
-        pool = module.pool
-        return (_is_eval_bn(module.norm) and _is_relu(module.relu) and _is_pointwise_conv(module.conv)
-                and type(pool) is nn.AvgPool2d and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-                and pool.padding in (0, (0, 0)) and not pool.ceil_mode and pool.divisor_override is None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.first.conv(F.avg_pool2d(self.first.activate(x), 2, 2))
-
-
-class _FoldedConvBN:
-    """``bn(conv(x))`` for an eval-mode batch norm: one convolution with scaled weights and a bias."""
-
-    def __init__(self, conv: nn.Module, bn: nn.Module) -> None:
-        with torch.no_grad():
-            scale, shift = _bn_affine(bn)
-            self.weight = (conv.weight * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype).contiguous()
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            self.bias = bias.to(conv.weight.dtype)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-
-    @staticmethod
-    def applies_to(conv: object, bn: object) -> bool:
-        return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-                and _is_eval_bn(bn))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def _fold_chain(fns: list) -> list:
-    """Fold the batch norms of a chain of modules where the structure is known."""
-    out: list = []
-    i = 0
-    while i < len(fns):
-        if i + 1 < len(fns) and _FoldedConvBN.applies_to(fns[i], fns[i + 1]):
-            out.append(_FoldedConvBN(fns[i], fns[i + 1]))
-            i += 2
-            continue
-        out.append(_fold(fns[i]))
-        i += 1
-    return out
-
-
-def _fold(fn: Callable) -> Callable:
-    """``fn`` computed with folded batch norms where it is a known MONAI DenseNet block."""
-    if isinstance(fn, densenet._DenseBlock) and type(fn).forward is nn.Sequential.forward:
-        return _chain([_FoldedDenseLayer(m) if _FoldedDenseLayer.applies_to(m) else m for m in fn.children()])
-    if _FoldedDenseLayer.applies_to(fn):
-        return _FoldedDenseLayer(fn)
-    if _FoldedTransition.applies_to(fn):
-        return _FoldedTransition(fn)
-    return fn
-
-
-def split_model(model: nn.Module, layer: str, fold_batchnorm: bool = False) -> tuple[Callable, Callable] | None:
-    """Split ``model`` at the output of the module named ``layer``.
-
-    Args:
-        model: the network.
-        layer: module name, as in ``model.named_modules()``.
-        fold_batchnorm: compute MONAI DenseNet layers and transitions with their batch norms
-            folded into the 1x1 convolutions (and the transitions' pooling before their
-            convolution), and fold batch norms that directly follow a convolution in the chain.
-            Eval mode only (running statistics). The result is the same up to float rounding,
-            computed in fewer passes over the data; forward hooks on the folded modules do not run.
-
-    Returns:
-        ``(head, tail)`` with ``tail(head(x)) == model(x)``, or ``None`` when the model's forward
-        is not a known chain of modules (``nn.Sequential`` containers and MONAI DenseNet, ResNet
-        and SENet are known).
-    """
-    head: list = []
-    tail: list = []
-    module = model
-    for part in layer.split("."):
-        view = _sequential_view(module)
-        if view is None:
-            return None
-        names = [n for n, _ in view]
-        if part not in names:
-            return None
-        i = names.index(part)
-        head += [fn for _, fn in view[:i]]
-        tail = [fn for _, fn in view[i + 1:]] + tail
-        module = view[i][1]
-    head.append(module)
-    if fold_batchnorm:
-        head, tail = _fold_chain(head), _fold_chain(tail)
-    return _chain(head), _chain(tail)
-
-
 class _StopForward(Exception):
     pass
 
@@ -494,11 +257,28 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterable[torch.T
         yield item
 
 
-def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    size = int(round(2 * sigma)) * 2 + 1  # covers about 2 standard deviations each way, as the reference
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (2 * sigma**2))
-    return (g / g.sum()).to(device=device, dtype=dtype).view(1, 1, size, size)
+def _smoothing_matrix(n: int, sigma: float, mode: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, n) matrix of a 1D Gaussian smoothing with ``reflect`` or ``replicate`` borders.
+
+    The reference smooths with a 2D Gaussian kernel of side ``2 * round(2 * sigma) + 1`` (about 2
+    standard deviations each way), normalized to sum 1: it is the outer product of the normalized
+    1D kernel with itself, so the 2D smoothing of a map ``M`` is ``S_h @ M @ S_w.T``.
+    """
+    size = int(round(2 * sigma)) * 2 + 1
+    pad = size // 2
+    coords = torch.arange(size, dtype=torch.float64) - pad
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    m = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for t in range(size):
+            j = i + t - pad
+            if mode == "reflect":
+                j = -j if j < 0 else (2 * (n - 1) - j if j > n - 1 else j)
+            else:
+                j = min(max(j, 0), n - 1)
+            m[i, j] += g[t]
+    return m.to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,6 +374,7 @@ class IBA(Attributor):
         self.estimate_from_batch = bool(estimate_from_batch)
         self.fold_batchnorm = bool(fold_batchnorm)
         self.channels_last = bool(channels_last)
+        self._smoothing: dict = {}
 
     # --------------------------------------------------------------------------------------------
     @classmethod
@@ -655,15 +436,19 @@ class IBA(Attributor):
         return (lambda inp: _head_by_hook(self.model, layer, inp)), (lambda z: _tail_by_hook(self.model, layer, x, z))
 
     def _smooth(self, lam: torch.Tensor) -> torch.Tensor:
+        """Gaussian smoothing of each (h, w) map of ``lam`` (B, C, h, w), as two small matrix products."""
         if self.sigma is None:
             return lam
-        b, c, h, w = lam.shape
-        kernel = _gaussian_kernel(self.sigma, lam.device, lam.dtype)
-        pad = kernel.shape[-1] // 2
+        h, w = lam.shape[-2:]
+        pad = int(round(2 * self.sigma))
         # the reference pads by reflection; feature maps too small for it are padded by replication
         mode = "reflect" if pad < min(h, w) else "replicate"
-        flat = F.pad(lam.reshape(b * c, 1, h, w), (pad, pad, pad, pad), mode=mode)
-        return F.conv2d(flat, kernel).view(b, c, h, w)
+        key = (h, w, mode, lam.device, lam.dtype)
+        if key not in self._smoothing:
+            self._smoothing[key] = (_smoothing_matrix(h, self.sigma, mode, lam.device, lam.dtype),
+                                    _smoothing_matrix(w, self.sigma, mode, lam.device, lam.dtype).T)
+        rows, cols = self._smoothing[key]
+        return torch.matmul(torch.matmul(rows, lam), cols)
 
     @staticmethod
     def _capacity(x_norm: torch.Tensor, lam: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -708,16 +493,21 @@ class IBA(Attributor):
             info = self._capacity(x_norm, lam, active).mean(dim=(1, 2, 3)).sum()
             eps = torch.randn((s, c, h, w), generator=generator, device=feat.device, dtype=feat.dtype)
             noise = (eps * std + mean).unsqueeze(0)
-            lam_rep = lam.unsqueeze(1)
-            z = (lam_rep * feat_rep + (1 - lam_rep) * noise) * active
-            z = z.reshape(b * s, c, h, w)
-            if self.channels_last:
-                z = z.contiguous(memory_format=torch.channels_last)
+            # the bottleneck output, outside the graph: its gradient with respect to lambda is
+            # taken by hand, (feat - noise) * active times the gradient that reaches it
+            with torch.no_grad():
+                lam_rep = lam.unsqueeze(1)
+                z = ((lam_rep * feat_rep + (1 - lam_rep) * noise) * active).reshape(b * s, c, h, w)
+                if self.channels_last:
+                    z = z.contiguous(memory_format=torch.channels_last)
+            z.requires_grad_(True)
             out = tail(z)
             ce = -F.log_softmax(out, dim=1).gather(1, target_rep).view(b, s).mean(dim=1).sum()
-            loss = ce + self.beta * info
+            (grad_z,) = torch.autograd.grad(ce, z)
+            with torch.no_grad():
+                grad_lam = (grad_z.reshape(b, s, c, h, w) * (feat_rep - noise)).sum(dim=1) * active
             optimizer.zero_grad(set_to_none=True)
-            (alpha.grad,) = torch.autograd.grad(loss, alpha)
+            (alpha.grad,) = torch.autograd.grad((lam * grad_lam).sum() + self.beta * info, alpha)
             optimizer.step()
         with torch.no_grad():
             cap = self._capacity(x_norm, self._smooth(torch.sigmoid(alpha)), active)

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +75,7 @@ from monai.networks.layers import separable_filtering
 from torch import nn
 
 from monai_ext.attribution.base import Attributor, select_target
+from monai_ext.attribution.folding import fold_model
 
 __all__ = ["IGOS", "IGOSPP", "blur_baseline", "gaussian_blur_kernel_size"]
 
@@ -172,7 +173,7 @@ class _IntegratedGradientMasks(Attributor):
                  noise_std: float = 0.2, blur_ratio: float = _BLUR_RATIO, blur_sigma: float | None = None,
                  tv_beta: float = 2.0, bilateral_sigma: float = 0.01, seed: int = 0, chunk_size: int = 16,
                  channels_last: bool = True, autocast_dtype: torch.dtype | None = None,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, fold_batchnorm: bool = True) -> None:
         if mask_size is not None:
             try:
                 ms = (int(mask_size),) * 2 if isinstance(mask_size, int) else tuple(int(v) for v in mask_size)
@@ -187,7 +188,8 @@ class _IntegratedGradientMasks(Attributor):
                         warm_start=bool(warm_start), noise_std=float(noise_std), blur_ratio=float(blur_ratio),
                         blur_sigma=None if blur_sigma is None else float(blur_sigma), tv_beta=float(tv_beta),
                         bilateral_sigma=float(bilateral_sigma), seed=int(seed), chunk_size=int(chunk_size),
-                        channels_last=bool(channels_last), autocast_dtype=autocast_dtype)
+                        channels_last=bool(channels_last), autocast_dtype=autocast_dtype,
+                        fold_batchnorm=bool(fold_batchnorm))
         checks = {
             "iterations": iterations >= 0,
             "ig_steps": ig_steps >= 1,
@@ -229,6 +231,8 @@ class _IntegratedGradientMasks(Attributor):
         self.chunk_size = settings["chunk_size"]
         self.channels_last = settings["channels_last"]
         self.autocast_dtype = autocast_dtype
+        self.fold_batchnorm = settings["fold_batchnorm"]
+        self._fast: Callable[[torch.Tensor], torch.Tensor] | None = None
         #: after a call: (B, n_masks, h, w) optimized masks
         self.masks_: torch.Tensor | None = None
         #: after a call: (B, iterations, 2) objective before / after each iteration's step (same noise)
@@ -330,20 +334,21 @@ class _IntegratedGradientMasks(Attributor):
     # building blocks
     @contextlib.contextmanager
     def _memory_format(self) -> Iterator[None]:
-        """With ``channels_last``: the model's 4D parameters in channels-last layout for the block.
+        """The model as the block runs it: with ``channels_last``, its 4D parameters in channels-last
+        layout; with ``fold_batchnorm`` (and no autocast), computed by :func:`fold_model` from them.
 
         The original parameter tensors are put back afterwards, so the model is left exactly as
         it was (same storage, same values).
         """
-        if not self.channels_last:
-            yield
-            return
-        originals = [(p, p.data) for p in self.model.parameters() if p.ndim == 4]
+        originals = [(p, p.data) for p in self.model.parameters() if p.ndim == 4] if self.channels_last else []
         try:
             for p, data in originals:
                 p.data = data.contiguous(memory_format=torch.channels_last)
+            if self.fold_batchnorm and self.autocast_dtype is None:
+                self._fast = fold_model(self.model)
             yield
         finally:
+            self._fast = None
             for p, data in originals:
                 p.data = data
 
@@ -353,7 +358,7 @@ class _IntegratedGradientMasks(Attributor):
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
                 return self.model(x).float()
-        return self.model(x).float()
+        return (self._fast or self.model)(x).float()
 
     @staticmethod
     def _score(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -698,6 +703,10 @@ class IGOS(_IntegratedGradientMasks):
             ``None`` (default) for float32.
         batch_size: most slices optimized together; larger batches are split (see
             :class:`~monai_ext.attribution.base.Attributor`). ``None``: the whole batch.
+        fold_batchnorm: run known models (MONAI DenseNet, ResNet, SENet, ``nn.Sequential``)
+            through :func:`~monai_ext.attribution.fold_model`: batch norms folded, each DenseNet
+            dense block and transition one autograd node; the same scores and gradients up to
+            float rounding, about twice as fast for DenseNet121 on CPU (not under autocast).
 
     Returns:
         (from a call) (B, 1, H, W) float map in [0, 1]. After the call, ``masks_`` (B, 1, h, w),
@@ -776,6 +785,10 @@ class IGOSPP(_IntegratedGradientMasks):
             ``None`` (default) for float32.
         batch_size: most slices optimized together; larger batches are split (see
             :class:`~monai_ext.attribution.base.Attributor`). ``None``: the whole batch.
+        fold_batchnorm: run known models (MONAI DenseNet, ResNet, SENet, ``nn.Sequential``)
+            through :func:`~monai_ext.attribution.fold_model`: batch norms folded, each DenseNet
+            dense block and transition one autograd node; the same scores and gradients up to
+            float rounding, about twice as fast for DenseNet121 on CPU (not under autocast).
 
     Returns:
         (from a call) (B, 1, H, W) float map in [0, 1]. After the call, ``masks_`` (B, 2, h, w)

@@ -138,19 +138,13 @@ def test_default_layer_for_plain_models_is_last_conv():
 
 
 @pytest.mark.parametrize("cls", [HiResCAM, GradCAM])
-def test_fast_path_matches_hooked_forward_on_monai_nets(cls):
+def test_fast_path_matches_hooked_forward_on_monai_nets(cls, trained_like_batchnorm):
     """Folded batch norms and channels-last tensors change only the rounding."""
     from monai_ext.networks import build_classifier
 
     g = torch.Generator().manual_seed(0)
     for name in ("densenet121", "resnet18"):
-        net = build_classifier(name).eval()
-        with torch.no_grad():
-            for m in net.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.normal_(0, 0.5, generator=g)
-                    m.running_var.uniform_(0.5, 2.0, generator=g)
-                    m.weight.uniform_(0.5, 1.5, generator=g)
+        net = trained_like_batchnorm(build_classifier(name).eval(), g, bias=False)
         x = torch.randn(2, 1, 64, 64, generator=g)
         fast = cls(net, relu=False)(x, target=1)
         slow = cls(net, relu=False, fast=False)(x, target=1)

@@ -133,19 +133,13 @@ def test_fallback_for_unknown_forward_matches_split(data):
     assert (a - b).abs().max() <= 1e-4
 
 
-def test_split_model_reproduces_monai_classifiers():
+def test_split_model_reproduces_monai_classifiers(trained_like_batchnorm):
     x = torch.randn(2, 1, 64, 64)
     g = torch.Generator().manual_seed(0)
     for name, layers in (("densenet121", ["features.transition2", "features.denseblock3.denselayer2"]),
                          ("resnet18", ["layer2", "layer3.1", "maxpool"]), ("seresnet50", ["layer2"])):
-        net = build_classifier(name).eval()
-        with torch.no_grad():
-            for m in net.modules():  # trained-like statistics, and one norm with a negative scale
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.normal_(0, 0.5, generator=g)
-                    m.running_var.uniform_(0.5, 2.0, generator=g)
-                    m.weight.uniform_(0.5, 1.5, generator=g)
-                    m.bias.normal_(0, 0.2, generator=g)
+        net = trained_like_batchnorm(build_classifier(name).eval(), g)
+        with torch.no_grad():  # and one norm with a negative scale
             if name == "densenet121":
                 net.features.denseblock3.denselayer3.layers.norm1.weight[7] = -0.5
             ref = net(x)
