@@ -5,10 +5,11 @@ Example::
     ctseverity demo --out demo/
     ctseverity demo --out demo/ --studies 8 --method hirescam --workers 2
 
-Writes procedural chest CT phantoms with lesion loads of 0, 10, 30, 60 and 80 % of the lung
-volume (more with ``--studies``) and their ``truth.csv`` into ``DIR/studies``, runs the batch on
-them with the embedded model (as ``ctseverity run DIR/studies --out DIR --truth
-DIR/studies/truth.csv``), and prints the table, the agreement with the truth and where the report is.
+Writes procedural chest CT phantoms with lesion loads of 0, 12, 38, 62 and 90 % of the lung
+volume (one per grade CT-0..CT-4, away from the grade boundaries; more with ``--studies``) and their
+``truth.csv`` into ``DIR/studies``, runs the batch on them with the embedded model (as ``ctseverity
+run DIR/studies --out DIR --truth DIR/studies/truth.csv``), and prints the table, the agreement with
+the truth and where the report is.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ DEMO_SPACING = (1.9, 1.9, 5.5)
 #: the demo's default method: HiResCAM grades the demo studies in about 10 s each on a laptop CPU,
 #: IBA takes about 8 times as long (use ``--method iba`` to see it)
 DEMO_METHOD = "hirescam"
-_FRACTIONS = (0, 10, 30, 60, 80, 5, 40, 70, 20, 90)
+_FRACTIONS = (0, 12, 38, 62, 90, 5, 45, 68, 20, 85)
 
 
 def demo_fractions(n: int) -> list[float]:
-    """Lesion percentages of ``n`` demo studies: 0, 10, 30, 60, 80, then 5, 40, 70, 20, 90, repeated.
+    """Lesion percentages of ``n`` demo studies: 0, 12, 38, 62, 90, then 5, 45, 68, 20, 85, repeated.
 
     Raises:
         ValueError: ``n < 1``.
@@ -69,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="grade a few synthetic studies with known lesion loads and write a report",
-        description="Write synthetic chest CT studies with lesion loads of 0, 10, 30, 60 and 80 % of the lung "
+        description="Write synthetic chest CT studies with lesion loads of 0, 12, 38, 62 and 90 % of the lung "
                     "(DIR/studies, with truth.csv), grade them with the embedded model, and print the table, the "
                     "agreement with the truth and where report.html is.",
     )

@@ -241,19 +241,21 @@ def _draw_anatomy(rng: np.random.Generator, options: dict[str, Any]) -> dict[str
         carina_below_apex=u(80, 100),
         mediastinum_mm=u(22, 32),
         vertebra_r=u(14, 17),
-        dependent_hu=u(30, 80),
+        dependent_hu=u(30, 140),
         breast_mm=u(15, 45),
         table_gap=u(6, 16),
         table_sag=u(10, 25),
         z_shift=u(0.3, 0.7),
         stomach_gas=bool(rng.random() < 0.7),
-        noise_hu=u(15, 30),
+        noise_hu=u(8, 30),
         vessel_points=int(rng.integers(2600, 3400)),
-        micro_per_ml=u(6.0, 10.0),
+        micro_per_ml=u(1.5, 4.0),
         cavity_width=u(250, 300),
         cavity_depth=u(160, 205),
         p_cav_ant=u(2.1, 2.5),
         p_cav_post=u(2.5, 3.1),
+        vessel_exponent=u(0.36, 0.45),
+        micro_radius_mm=u(0.35, 0.55),
     )
     for key, value in options.items():
         if value is not None:
@@ -365,11 +367,17 @@ def _splat_segments(
 
 
 def _grow_tree(
-    rng: np.random.Generator, root: np.ndarray, points: np.ndarray, r_root: float, r_leaf: float = 0.5
+    rng: np.random.Generator,
+    root: np.ndarray,
+    points: np.ndarray,
+    r_root: float,
+    r_leaf: float = 0.5,
+    exponent: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Volume-filling branching tree from ``root`` into the territory ``points`` (mm).
 
-    A branch of territory ``n`` points has radius ``r_leaf + (r_root - r_leaf) * (n / N) ** 0.5``.
+    A branch of territory ``n`` points has radius ``r_leaf + (r_root - r_leaf) * (n / N) ** exponent``
+    (``exponent`` 1/3 is Murray's law for a flow proportional to the territory).
     Returns segment starts, ends, start radii and end radii.
     """
     starts: list[np.ndarray] = []
@@ -405,7 +413,7 @@ def _grow_tree(
             side = np.arange(len(pts)) < len(pts) // 2
             n1 = int(side.sum())
         for sel, cnt in ((side, n1), (~side, len(pts) - n1)):
-            rc = r_leaf + (r_root - r_leaf) * (cnt / n_total) ** 0.5
+            rc = r_leaf + (r_root - r_leaf) * (cnt / n_total) ** exponent
             stack.append((end, pts[sel], rc))
     s = np.array(starts)
     e = np.array(ends)
@@ -533,6 +541,7 @@ class _Builder:
         img = self._paint_bones(img)
         img = self._paint_lungs(img)
         img = self._paint_airways_table(img)
+        img = self._diaphragm_partial_volume(img)
         img = self._finish(img, blur_mm, fov_circle)
         masks = {
             "body": self.body.astype(np.uint8),
@@ -746,6 +755,7 @@ class _Builder:
         z_d = np.maximum(dome(-0.45 * a_c, self.H_r), dome(0.45 * a_c, self.H_l))
         z_d = np.maximum(z_d, 0.45 * self.H_l * np.exp(-((X2 / 40.0) ** 2)) * (Y2 < self.y_vb)).astype(np.float32)
         self.below = Z3 < z_d[:, :, None]
+        self.z_dome = z_d
         # apices: each lung ends in a rounded cone
         h_cap = 130.0
         z0 = H - h_cap
@@ -914,7 +924,7 @@ class _Builder:
             if len(pts) < 20:
                 continue
             half = len(pts) // 2
-            s, e, r0, r1 = _grow_tree(rng, root_a, pts[:half], 5.5)
+            s, e, r0, r1 = _grow_tree(rng, root_a, pts[:half], 6.0, r_leaf=0.35, exponent=p["vessel_exponent"])
             segs.append(("artery", s, e, r0, r1))
             v = e - s
             vert = np.abs(v[:, 2]) > 0.9 * np.linalg.norm(v, axis=1)
@@ -924,7 +934,7 @@ class _Builder:
             big = r0 >= 1.3
             off = n[big] * (2.0 * r0[big, None] + 1.0)
             segs.append(("bronchus", s[big] + off, e[big] + off, 0.9 * r0[big], 0.9 * r1[big]))
-            s, e, r0, r1 = _grow_tree(rng, root_v, pts[half:], 5.0)
+            s, e, r0, r1 = _grow_tree(rng, root_v, pts[half:], 5.5, r_leaf=0.35, exponent=p["vessel_exponent"])
             segs.append(("vein", s, e, r0, r1))
         shape = self.shape
         self.vessel_occ = np.zeros(shape, np.float32)
@@ -1003,7 +1013,7 @@ class _Builder:
         d2 = d + 0.6 * rng.standard_normal(d.shape)
         d2 /= np.maximum(np.linalg.norm(d2, axis=1, keepdims=True), 1e-6)
         p2 = p1 + rng.uniform(2.0, 6.0, (len(pts), 1)) * d2
-        r = rng.uniform(0.25, 0.45, len(pts))
+        r = self.p["micro_radius_mm"] * rng.uniform(0.8, 1.25, len(pts))
         return (
             np.concatenate([p0, p1]),
             np.concatenate([p1, p2]),
@@ -1035,6 +1045,29 @@ class _Builder:
             for k in range(self.shape[2]):
                 img[:, :, k][tab2] = val[tab2]
             self.table = np.broadcast_to(tab2[:, :, None], self.shape).copy()
+        return img
+
+    # ------------------------------------------------------------------------------------------
+    def _diaphragm_partial_volume(self, img: np.ndarray) -> np.ndarray:
+        """Mix lung and abdomen in the slice that the diaphragm passes through, by the share of the
+        slice thickness above the dome. Where the dome is nearly flat (its top, cut by a thick axial
+        slice), this gives the wide grey zones of partial volume that real lung bases show and that
+        are not lesions."""
+        dz = float(self.es[2])
+        z_d = self.z_dome
+        k0 = np.floor((z_d - (self.z[0] - dz / 2.0)) / dz).astype(int)  # slice holding the dome surface
+        inside = (k0 >= 1) & (k0 < self.shape[2] - 1) & (z_d > 0)
+        xs, ys = np.nonzero(inside)
+        k = k0[xs, ys]
+        lung_here = self.lung_dom[xs, ys, k]
+        lung_above = self.lung_dom[xs, ys, k + 1]
+        organ_below = self.cav[xs, ys, k - 1] & self.below[xs, ys, k - 1] & ~self.heart[xs, ys, k - 1]
+        ok = (lung_here | lung_above) & organ_below
+        xs, ys, k, lung_here = xs[ok], ys[ok], k[ok], lung_here[ok]
+        share = np.clip((self.z[k] + dz / 2.0 - z_d[xs, ys]) / dz, 0.0, 1.0).astype(np.float32)
+        lung_val = np.where(lung_here, img[xs, ys, k], img[xs, ys, k + 1])
+        organ_val = np.where(lung_here, img[xs, ys, k - 1], img[xs, ys, k])
+        img[xs, ys, k] = share * lung_val + (1.0 - share) * organ_val
         return img
 
     # ------------------------------------------------------------------------------------------

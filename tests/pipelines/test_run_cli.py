@@ -90,6 +90,6 @@ def test_demo_writes_studies_truth_and_report(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert (out / "studies" / "truth.csv").exists()
-    assert [r["study"] for r in read_csv(out / "results.csv")] == ["synth_000_f00", "synth_001_f10"]
+    assert [r["study"] for r in read_csv(out / "results.csv")] == ["synth_000_f00", "synth_001_f12"]
     assert "agreement with" in printed and f"report:  {out / 'report.html'}" in printed
     assert "lesion percent scatter" in (out / "report.html").read_text()
