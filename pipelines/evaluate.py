@@ -58,6 +58,7 @@ __all__ = [
     "build_attributor",
     "evaluate_method",
     "summarize",
+    "metrics_table",
     "write_outputs",
     "severity_agreement",
     "parse_methods",
@@ -108,12 +109,15 @@ class MethodEvaluation:
         results: metric name -> :class:`~monai_ext.metrics.MetricResult` over all N slices (NaN
             where the metric was not computed: no lesion, no label, outside the sensitivity subset).
         seconds_per_slice: attribution wall time per slice.
+        constant_maps: slices whose map is constant inside the lung (no evidence: the metrics then
+            see ties, broken in raster order).
     """
 
     method: str
     maps: torch.Tensor
     results: dict = field(default_factory=dict)
     seconds_per_slice: float = float("nan")
+    constant_maps: int = 0
 
 
 def parse_methods(text: str, allowed: Sequence[str] = EVAL_METHODS) -> list[str]:
@@ -316,7 +320,12 @@ def evaluate_method(method: str, data: EvalSlices, model, settings: EvalSettings
             results[name] = _spread(MetricResult.cat([r for _, r in parts[name]]), idx, n)
         else:
             results[name] = _empty_result(n)
-    return MethodEvaluation(method, maps_t, results, seconds)
+    inside = torch.where(data.lung, maps_t, torch.full_like(maps_t, math.nan)).flatten(1)
+    span = torch.nan_to_num(inside.nan_to_num(-math.inf).amax(1) - inside.nan_to_num(math.inf).amin(1), nan=0.0)
+    constant = int((span <= 0).sum())
+    if constant:
+        log.warning("%s: %d of %d maps are constant inside the lung", method, constant, n)
+    return MethodEvaluation(method, maps_t, results, seconds, constant)
 
 
 def summarize(evaluation: MethodEvaluation, settings: EvalSettings, model) -> list[dict]:
@@ -363,7 +372,9 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return buf.getvalue()
 
 
-def _markdown_table(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[str], seconds: dict) -> str:
+def metrics_table(rows: Sequence[dict], methods: Sequence[str], metrics: Sequence[str], seconds: dict) -> str:
+    """A Markdown table, one row per method: ``mean [ci_low, ci_high]`` of each metric (rows as from
+    :func:`summarize` or read back from ``metrics.csv``), and the seconds per slice when given."""
     by = {(r["method"], r["metric"]): r for r in rows}
     arrows = {r["metric"]: "↑" if r["higher_is_better"] else "↓" for r in rows}
     head = ["method", *[f"{m} {arrows.get(m, '')}".strip() for m in metrics]]
@@ -509,10 +520,10 @@ def write_outputs(out: Path, evals: Sequence[MethodEvaluation], data: EvalSlices
           f"({summary['settings']['bootstrap']} resamples); ↑ higher is better, ↓ lower is better; "
           "HAAS is the accuracy ratio on heatmap-assisted images (paired bootstrap). s/slice: attribution time.",
           "", "## Faithfulness and robustness", "",
-          _markdown_table(rows, methods, METRIC_ORDER[:7], seconds), ""]
+          metrics_table(rows, methods, METRIC_ORDER[:7], seconds), ""]
     if summary["n_localizable"]:
         md += ["## Localization (slices with lesion inside the lung)", "",
-               _markdown_table(rows, methods, LOCALIZATION_METRICS, {}), ""]
+               metrics_table(rows, methods, LOCALIZATION_METRICS, {}), ""]
     if severity:
         md += ["## Severity agreement (whole studies, `ctseverity run` pipeline)", "",
                "| method | studies | grade accuracy | within one grade | lesion-% MAE (pp) | Pearson r |",
@@ -646,10 +657,13 @@ def run(args: argparse.Namespace) -> int:
         "settings": dict(vars(settings), max_slices=args.max_slices, max_images=args.max_images,
                          image_window=list(args.image_window), image_rotation=args.image_rotation),
         "seconds_per_slice": {ev.method: ev.seconds_per_slice for ev in evals},
+        "constant_maps": {ev.method: ev.constant_maps for ev in evals},
         "seconds": time.perf_counter() - t_start,
         "truth": None if args.truth is None else str(args.truth),
         "severity": severity,
-        "notes": data.notes,
+        "notes": data.notes + [f"{ev.method}: {ev.constant_maps} of {len(data)} maps are constant inside the lung "
+                               "(no evidence found; the metrics see ties, broken in raster order)"
+                               for ev in evals if ev.constant_maps],
     }
     written = write_outputs(out, evals, data, probs, rows, summary, severity, n_examples=args.examples)
     print((out / "metrics.md").read_text())

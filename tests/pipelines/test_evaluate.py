@@ -4,6 +4,7 @@ real 2D image/mask pairs (MedSeg COVID-19 slices), and one-line errors for bad i
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -23,6 +24,8 @@ from pipelines.eval_slices import (
     pick_slices,
 )
 from pipelines.evaluate import LOCALIZATION_METRICS, METRIC_ORDER
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: fast metric settings for the tests
 FAST = ["--steps", "6", "--bootstrap", "100", "--sensitivity-slices", "2", "--sensitivity-samples", "2",
@@ -100,6 +103,8 @@ def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_
     assert all(0 <= float(r["probability"]) <= 1 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "studies" and summary["n_slices"] == 6 and summary["n_localizable"] == 3
+    assert set(summary["constant_maps"]) == {"hirescam", "gradcam"}
+    assert all(0 <= c <= 6 for c in summary["constant_maps"].values())
     assert not (out / "severity.csv").exists()
 
 
@@ -208,19 +213,40 @@ def test_medseg_pairs(shared):
         assert np.median(gray[lung]) < np.median(gray[~lung])
 
 
+def _doc_script():
+    path = REPO_ROOT / "scripts" / "make_evaluation_doc.py"
+    spec = importlib.util.spec_from_file_location("make_evaluation_doc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
-    """The CLI on 2 real MedSeg slices with the default (embedded) model."""
+    """The CLI on 2 real MedSeg slices with the default (embedded) model, and the evaluation page
+    rendered from its outputs (``scripts/make_evaluation_doc.py --skip-run``)."""
     root = shared("medseg_slices_infnet/SHA256SUMS").parent
-    out = tmp_path / "eval"
-    code, _, err = _evaluate(capsys, str(root), "--methods", "hirescam", "--out", str(out), "--max-images", "2",
-                             *FAST)
+    out = tmp_path / "work" / "eval_medseg"
+    code, _, err = _evaluate(capsys, str(root), "--methods", "hirescam,gradcam", "--out", str(out),
+                             "--max-images", "2", *FAST)
     assert code == 0, err
-    _check_table(out, ["hirescam"], localization=True)
+    _check_table(out, ["hirescam", "gradcam"], localization=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "images" and summary["n_slices"] == 2 and summary["n_localizable"] == 2
     assert "HU = -1100 + gray / 255" in summary["notes"][0]
     with open(out / "per_slice.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 2 and all(r["source"].split("/")[0] in ("test", "train") for r in rows)
+    assert len(rows) == 4 and all(r["source"].split("/")[0] in ("test", "train") for r in rows)
     assert all(0 < float(r["lesion_fraction"]) <= 1 and r["label"] == "1" for r in rows)
     assert all(torch.isfinite(torch.tensor(float(r["energy_pointing_game"]))) for r in rows)
+
+    doc_script = _doc_script()
+    doc = tmp_path / "evaluation.md"
+    assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "(b) Real MedSeg COVID-19 slices" in text and "(a) Semi-synthetic" not in text
+    assert "| hirescam |" in text and "ctseverity evaluate" in text
+    claim = [ln for ln in text.splitlines() if ln.startswith("| HiResCAM at least matches Grad-CAM on AOPC")]
+    assert len(claim) == 1 and "| 2 |" in claim[0] and "**" in claim[0]
+    est, lo, hi, n = doc_script.paired_difference(rows, "hirescam", "gradcam", "aopc", n=100)
+    assert n == 2 and lo <= est <= hi
+    assert doc_script.paired_difference(rows, "hirescam", "hirescam", "aopc", n=100)[:3] == (0.0, 0.0, 0.0)
