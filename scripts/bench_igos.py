@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=16, help="images per forward/backward pass (default 16)")
     p.add_argument("--no-warm-start", action="store_true", help="line search from step_init at every iteration")
     p.add_argument("--no-channels-last", action="store_true", help="keep the model in contiguous layout")
+    p.add_argument("--no-fold", action="store_true", help="run the model as it is (no folded batch norms)")
     p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
     p.add_argument("--ct", type=Path, default=DEFAULT_CT if DEFAULT_CT.exists() else None,
                    help=f"chest CT NIfTI (default {DEFAULT_CT} when present, else synthetic slices)")
@@ -237,12 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"mean {float(p_top.mean()):.3f}, min {float(p_top.min()):.3f}", flush=True)
     kwargs = dict(iterations=args.iterations, ig_steps=args.ig_steps, mask_size=args.mask_size,
                   chunk_size=args.chunk_size, warm_start=not args.no_warm_start,
-                  channels_last=not args.no_channels_last,
+                  channels_last=not args.no_channels_last, fold_batchnorm=not args.no_fold,
                   autocast_dtype=torch.bfloat16 if args.bf16 else None, seed=args.seed)
     loop_slices = args.loop_slices or args.slices
     print(f"# {args.slices} slices {args.size}x{args.size} from {source}; DenseNet121 2D; device {device}; "
           f"threads {torch.get_num_threads()}; iterations {args.iterations}, S {args.ig_steps}, "
-          f"warm start {not args.no_warm_start}, channels_last {not args.no_channels_last}, bf16 {args.bf16}",
+          f"warm start {not args.no_warm_start}, channels_last {not args.no_channels_last}, "
+          f"folded {not args.no_fold}, bf16 {args.bf16}",
           flush=True)
     rows = []
     for name in chosen:

@@ -264,7 +264,7 @@ class _TransitionFunction(torch.autograd.Function):
             grad_rows = _rows(grad).contiguous()
         x_rows = _rows(x)
         n_rows = x_rows.shape[0]
-        step = max(256, _ROW_BLOCK_ELEMENTS // c) if x.device.type == "cpu" else n_rows
+        step = _row_block(x, c, n_rows)
         scratch = x.new_empty(min(step, n_rows) * c)
         for r0 in range(0, n_rows, step):
             r1 = min(n_rows, r0 + step)
@@ -420,8 +420,15 @@ class _DenseBlockPlan:
 
 
 #: on CPU, the backward pass of a 1x1 convolution and the ReLU before it runs on row blocks of
-#: about this many elements (the block's gradient and activation then stay in the L2 cache)
+#: about this many elements per thread (a block's gradient and activation then stay in L2 cache)
 _ROW_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_block(x: torch.Tensor, channels: int, n_rows: int) -> int:
+    """Rows per block for the row-blocked backward passes (all rows off the CPU)."""
+    if x.device.type != "cpu":
+        return n_rows
+    return max(256, _ROW_BLOCK_ELEMENTS * torch.get_num_threads() // channels)
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -447,7 +454,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         n_rows = rows.shape[0]
         mkldnn = _use_mkldnn(buf)
         widest = plan.layers[-1].channels
-        step = max(256, _ROW_BLOCK_ELEMENTS // widest) if buf.device.type == "cpu" else n_rows
+        step = _row_block(buf, widest, n_rows)
         scratch = buf.new_empty(2 * min(step, n_rows) * widest)
         for layer, mid in zip(reversed(plan.layers), reversed(mids)):
             c, g = layer.channels, layer.growth
