@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -666,7 +667,9 @@ def run(args: argparse.Namespace) -> int:
                                for ev in evals if ev.constant_maps],
     }
     written = write_outputs(out, evals, data, probs, rows, summary, severity, n_examples=args.examples)
-    print((out / "metrics.md").read_text())
+    table = (out / "metrics.md").read_text(encoding="utf-8")
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"  # the arrows do not exist in an ASCII locale
+    print(table.encode(encoding, errors="replace").decode(encoding))
     print(f"outputs: {', '.join(str(out / k) for k in ('metrics.csv', 'metrics.md', 'per_slice.csv') if k in written)}")
     return 0
 
