@@ -247,6 +247,11 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
     assert "| hirescam |" in text and "ctseverity evaluate" in text
     claim = [ln for ln in text.splitlines() if ln.startswith("| HiResCAM at least matches Grad-CAM on AOPC")]
     assert len(claim) == 1 and "| 2 |" in claim[0] and "**" in claim[0]
+    assert "Out of date" not in text
+    summary["model"]["sha256"] = "0" * 64  # outputs of another model than the bundle's: the page says so
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
+    assert "**Out of date:** the tables below come from model(s) 0000000000000000" in doc.read_text()
     est, lo, hi, n = doc_script.paired_difference(rows, "hirescam", "gradcam", "aopc", n=100)
     assert n == 2 and lo <= est <= hi
     assert doc_script.paired_difference(rows, "hirescam", "hirescam", "aopc", n=100)[:3] == (0.0, 0.0, 0.0)
