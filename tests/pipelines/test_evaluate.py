@@ -53,7 +53,7 @@ def _evaluate(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _metrics_csv(path: Path) -> dict[tuple[str, str], dict]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return {(r["method"], r["metric"]): r for r in csv.DictReader(fh)}
 
 
@@ -71,7 +71,7 @@ def _check_table(out: Path, methods: list[str], localization: bool) -> dict[tupl
             assert low - 1e-6 <= mean <= high + 1e-6, row
             assert lo - 1e-9 <= mean <= hi + 1e-9, row
             assert int(row["n"]) >= 1
-    md = (out / "metrics.md").read_text()
+    md = (out / "metrics.md").read_text(encoding="utf-8")
     for method in methods:
         assert sum(line.startswith(f"| {method} |") for line in md.splitlines()) >= (2 if localization else 1)
     for name in ("curves_insertion.png", "curves_deletion.png", "curves_morf.png",
@@ -92,7 +92,7 @@ def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_
     assert int(table[("hirescam", "aopc")]["n"]) == 6
     assert int(table[("hirescam", "pointing_game")]["n"]) == 3
     assert int(table[("hirescam", "max_sensitivity")]["n"]) == 2
-    with open(out / "per_slice.csv", newline="") as fh:
+    with open(out / "per_slice.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"hirescam", "gradcam"}
     healthy = [r for r in rows if r["source"].endswith("f00")]
@@ -101,7 +101,7 @@ def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_
     assert all(r["label"] == "0" and r["pointing_game"] == "" for r in healthy)
     assert all(r["label"] == "1" and 0 < float(r["lesion_fraction"]) <= 1 for r in sick)
     assert all(0 <= float(r["probability"]) <= 1 for r in rows)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["kind"] == "studies" and summary["n_slices"] == 6 and summary["n_localizable"] == 3
     assert set(summary["constant_maps"]) == {"hirescam", "gradcam"}
     assert all(0 <= c <= 6 for c in summary["constant_maps"].values())
@@ -117,14 +117,14 @@ def test_evaluate_iba_with_truth(capsys, tmp_path, tiny_bundle, eval_studies, on
         "--truth", str(eval_studies / "truth.csv"), "--severity-methods", "hirescam", *FAST)
     assert code == 0, err
     _check_table(out, ["iba", "hirescam"], localization=True)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["params"] == {"iba": {"steps": 2, "n_samples": 2}}
-    with open(out / "severity.csv", newline="") as fh:
+    with open(out / "severity.csv", newline="", encoding="utf-8") as fh:
         sev = list(csv.DictReader(fh))
     assert [r["method"] for r in sev] == ["hirescam"] and sev[0]["n_grade"] == "2"
     assert 0 <= float(sev[0]["grade_accuracy"]) <= 1 and float(sev[0]["mae"]) >= 0
     assert (out / "severity" / "hirescam" / "results.csv").exists()
-    assert "Severity agreement" in (out / "metrics.md").read_text()
+    assert "Severity agreement" in (out / "metrics.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -230,10 +230,10 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
                              "--max-images", "2", *FAST)
     assert code == 0, err
     _check_table(out, ["hirescam", "gradcam"], localization=True)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["kind"] == "images" and summary["n_slices"] == 2 and summary["n_localizable"] == 2
     assert "HU = -1100 + gray / 255" in summary["notes"][0]
-    with open(out / "per_slice.csv", newline="") as fh:
+    with open(out / "per_slice.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and all(r["source"].split("/")[0] in ("test", "train") for r in rows)
     assert all(0 < float(r["lesion_fraction"]) <= 1 and r["label"] == "1" for r in rows)
@@ -242,7 +242,7 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
     doc_script = _doc_script()
     doc = tmp_path / "evaluation.md"
     assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
-    text = doc.read_text()
+    text = doc.read_text(encoding="utf-8")
     assert "(b) Real MedSeg COVID-19 slices" in text and "(a) Semi-synthetic" not in text
     assert "| hirescam |" in text and "ctseverity evaluate" in text
     claim = [ln for ln in text.splitlines() if ln.startswith("| HiResCAM at least matches Grad-CAM on AOPC")]
@@ -251,7 +251,7 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
     summary["model"]["sha256"] = "0" * 64  # outputs of another model than the bundle's: the page says so
     (out / "summary.json").write_text(json.dumps(summary))
     assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
-    assert "**Out of date:** the tables below come from model(s) 0000000000000000" in doc.read_text()
+    assert "**Out of date:** the tables below come from model(s) 0000000000000000" in doc.read_text(encoding="utf-8")
     est, lo, hi, n = doc_script.paired_difference(rows, "hirescam", "gradcam", "aopc", n=100)
     assert n == 2 and lo <= est <= hi
     assert doc_script.paired_difference(rows, "hirescam", "hirescam", "aopc", n=100)[:3] == (0.0, 0.0, 0.0)
