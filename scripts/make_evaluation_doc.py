@@ -70,7 +70,7 @@ def _rel(p: Path | str) -> str:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -148,7 +148,7 @@ def _load(out: Path) -> dict:
                      "higher_is_better": r["higher_is_better"] == "True"})
     severity = _read_csv(out / "severity.csv") if (out / "severity.csv").exists() else []
     return {"rows": rows, "per_slice": _read_csv(out / "per_slice.csv"), "severity": severity,
-            "summary": json.loads((out / "summary.json").read_text())}
+            "summary": json.loads((out / "summary.json").read_text(encoding="utf-8"))}
 
 
 def _machine() -> str:
@@ -256,7 +256,7 @@ def _notes(results: dict[str, dict], params: Sequence[str]) -> list[str]:
                      "settings.")
     first = next(iter(results.values()))["summary"]
     try:
-        info = json.loads((Path(first["model"]["bundle"]) / "models" / "model.json").read_text())
+        info = json.loads((Path(first["model"]["bundle"]) / "models" / "model.json").read_text(encoding="utf-8"))
         net = str(info["network_def"]["_target_"]).rsplit(".", 1)[-1]
     except (OSError, KeyError, ValueError):
         net = ""
@@ -395,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, args.threads))
+    from monai_ext.io import atomic_write_text
     from pipelines.cli import main as cli_main
 
     work = args.work.resolve()
@@ -408,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "medseg": _evaluate_args(args.medseg, work / "eval_medseg", args, True, None),
     }
     runs_path = work / "runs.json"
-    runs = json.loads(runs_path.read_text()) if runs_path.exists() else {}
+    runs = json.loads(runs_path.read_text(encoding="utf-8")) if runs_path.exists() else {}
     if not args.skip_run:
         work.mkdir(parents=True, exist_ok=True)
         for key, argv_k in plan.items():
@@ -427,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"ctseverity evaluate failed for {key} (exit code {code})")
                 return code
             runs[key] = run
-            runs_path.write_text(json.dumps(runs, indent=2))
+            atomic_write_text(runs_path, json.dumps(runs, indent=2))
     results = {k: _load(work / f"eval_{k}") for k in plan if (work / f"eval_{k}" / "metrics.csv").exists()}
     if not results:
         print(f"no evaluation outputs under {work}; run without --skip-run first")
@@ -437,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.bundle import bundle_path
 
     root = bundle_path(args.bundle)
-    current = json.loads((root / "models" / "model.json").read_text()).get("sha256")
+    current = json.loads((root / "models" / "model.json").read_text(encoding="utf-8")).get("sha256")
     try:
-        version = json.loads((root / "configs" / "metadata.json").read_text()).get("version")
+        version = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8")).get("version")
     except (OSError, ValueError):
         version = None
     stale = sorted({r["summary"]["model"]["sha256"][:16] for r in results.values()} - {str(current)[:16]})
@@ -448,8 +449,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
             "ct": args.ct, "medseg": args.medseg, "percents": "/".join(f"{v:g}" for v in percents),
             "current_sha": current, "version": version}
-    from monai_ext.io import atomic_write_text
-
     atomic_write_text(args.doc, render(results, runs, meta))
     print(f"written {args.doc}")
     return 0
