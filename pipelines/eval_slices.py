@@ -95,6 +95,9 @@ class EvalSlices:
         kind: ``"studies"`` or ``"images"``.
         study_paths: the CT studies the slices come from (empty for 2D images).
         notes: what was assumed or skipped, for the report.
+        screen_probability: (M,) the classifier's lesion probability of every lung slice of the
+            studies (not only the evaluated ones), for the slice AUC; ``None`` for 2D images.
+        screen_labels: (M,) long labels of those slices (as ``labels``).
     """
 
     images: torch.Tensor
@@ -107,6 +110,8 @@ class EvalSlices:
     kind: str
     study_paths: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    screen_probability: torch.Tensor | None = None
+    screen_labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -204,17 +209,21 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
 
     Slice labels come from the lesion mask where there is one
     (:func:`~pipelines.datasets.slice_labels_from_mask`), else from the study label (all slices of a
-    CT-0 study are 0; of a lesion-bearing study 1, a weak label). A study that cannot be read or
-    shows no lung is skipped with a warning.
+    CT-0 study are 0; of a lesion-bearing study 1, a weak label). Every lung slice is also scored
+    by the classifier (``screen_probability``, ``screen_labels``: the slice AUC of the model). A
+    study that cannot be read or shows no lung is skipped with a warning.
 
     Raises:
         CTSeverityError: no slice at all.
     """
     from monai_ext.io import load_ct
     from monai_ext.transforms import LungMask
+    from pipelines.bundle import predict_slices
     from pipelines.datasets import load_ct_mask, slice_labels_from_mask
 
     parts: dict[str, list] = {k: [] for k in ("images", "lung", "lesion", "has_mask", "labels")}
+    screen_p: list[torch.Tensor] = []
+    screen_y: list[torch.Tensor] = []
     source: list[str] = []
     index: list[int] = []
     paths: list[str] = []
@@ -235,14 +244,17 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
                 labels = torch.full((candidates.numel(),), int(rec.label), dtype=torch.long)
             chosen = torch.as_tensor(pick_slices(labels.tolist(), max_slices, seed, rec.study), dtype=torch.long)
             idx = candidates[chosen]
-            stack = extract_slices(ct, lung, spacing, size=model.size, context=model.context, window=model.window,
-                                   indices=idx)
+            every = extract_slices(ct, lung, spacing, size=model.size, context=model.context, window=model.window,
+                                   indices=candidates)
+            images = every.images[chosen]
         except CTSeverityError as exc:
             log.warning("skipping study %s: %s", rec.study, exc)
             notes.append(f"skipped {rec.study}: {exc.reason}")
             continue
-        n = len(stack)
-        parts["images"].append(stack.images)
+        n = int(images.shape[0])
+        screen_p.append(predict_slices(model.network, every.images, device=model.device))
+        screen_y.append(labels)
+        parts["images"].append(images)
         parts["lung"].append(_mask_slices(lung, lung, spacing, model.size, idx))
         if lesion is not None:
             parts["lesion"].append(_mask_slices(torch.as_tensor(np.asarray(lesion)), lung, spacing, model.size, idx))
@@ -256,7 +268,8 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
     if not source:
         raise CTSeverityError("no slice to evaluate: no study could be read" + (f" ({notes[0]})" if notes else ""))
     return EvalSlices(**{k: torch.cat(v) for k, v in parts.items()}, source=source, index=index, kind="studies",
-                      study_paths=paths, notes=notes)
+                      study_paths=paths, notes=notes, screen_probability=torch.cat(screen_p),
+                      screen_labels=torch.cat(screen_y))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ __all__ = [
     "severity_agreement",
     "parse_methods",
     "parse_params",
+    "classifier_summary",
 ]
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,21 @@ def summarize(evaluation: MethodEvaluation, settings: EvalSettings, model) -> li
 # outputs
 
 
+def classifier_summary(data: EvalSlices, probs: torch.Tensor) -> dict:
+    """Slice AUC of the model: over every lung slice of the studies (``data.screen_*``), or over the
+    evaluated 2D images; NaN unless both labels occur."""
+    from pipelines.bundle import slice_auc
+
+    if data.screen_probability is not None and data.screen_labels is not None:
+        p, y, what = data.screen_probability, data.screen_labels, "lung slices of the studies"
+    else:
+        p, y, what = probs, data.labels, "evaluated images"
+    known = y >= 0
+    p, y = p[known], y[known]
+    return {"slice_auc": slice_auc(p.numpy(), y.numpy()), "n_slices": int(y.numel()),
+            "n_positive": int((y == 1).sum()), "slices": what}
+
+
 def _fmt(v: float, digits: int = 3) -> str:
     return "-" if v is None or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
 
@@ -520,8 +536,13 @@ def write_outputs(out: Path, evals: Sequence[MethodEvaluation], data: EvalSlices
           "Mean and 95 % percentile bootstrap interval over slices "
           f"({summary['settings']['bootstrap']} resamples); ↑ higher is better, ↓ lower is better; "
           "HAAS is the accuracy ratio on heatmap-assisted images (paired bootstrap). s/slice: attribution time.",
-          "", "## Faithfulness and robustness", "",
-          metrics_table(rows, methods, METRIC_ORDER[:7], seconds), ""]
+          ""]
+    clf = summary.get("classifier") or {}
+    if clf.get("n_slices"):
+        md += [f"Classifier: slice AUC {_fmt(clf['slice_auc'])} over {clf['n_slices']} {clf['slices']} "
+               f"({clf['n_positive']} with lesion).", ""]
+    md += ["## Faithfulness and robustness", "",
+           metrics_table(rows, methods, METRIC_ORDER[:7], seconds), ""]
     if summary["n_localizable"]:
         md += ["## Localization (slices with lesion inside the lung)", "",
                metrics_table(rows, methods, LOCALIZATION_METRICS, {}), ""]
@@ -633,6 +654,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluating {', '.join(methods)} on {len(data)} slices of {len(set(data.source))} "
           f"{'studies' if data.kind == 'studies' else 'images'} ({int(data.localizable.sum())} with lesion)")
     probs = predict_slices(model.network, data.images, device=model.device)
+    classifier = classifier_summary(data, probs)
     evals, rows = [], []
     t_start = time.perf_counter()
     for m in methods:
@@ -653,6 +675,7 @@ def run(args: argparse.Namespace) -> int:
         "model": {"bundle": str(model.bundle), "sha256": model.checksum, "size": model.size,
                   "window": list(model.window)},
         "device": str(device),
+        "classifier": classifier,
         "methods": methods,
         "params": params,
         "settings": dict(vars(settings), max_slices=args.max_slices, max_images=args.max_images,

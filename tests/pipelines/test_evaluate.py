@@ -105,6 +105,12 @@ def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_
     assert summary["kind"] == "studies" and summary["n_slices"] == 6 and summary["n_localizable"] == 3
     assert set(summary["constant_maps"]) == {"hirescam", "gradcam"}
     assert all(0 <= c <= 6 for c in summary["constant_maps"].values())
+    # the classifier is scored on every lung slice of both studies, not only the 6 evaluated ones
+    clf = summary["classifier"]
+    assert clf["slices"] == "lung slices of the studies" and clf["n_slices"] > 6
+    assert 3 <= clf["n_positive"] < clf["n_slices"] and 0 <= clf["slice_auc"] <= 1
+    assert f"slice AUC {clf['slice_auc']:.3f} over {clf['n_slices']} lung slices" in (out / "metrics.md").read_text(
+        encoding="utf-8")
     assert not (out / "severity.csv").exists()
 
 
@@ -125,6 +131,33 @@ def test_evaluate_iba_with_truth(capsys, tmp_path, tiny_bundle, eval_studies, on
     assert 0 <= float(sev[0]["grade_accuracy"]) <= 1 and float(sev[0]["mae"]) >= 0
     assert (out / "severity" / "hirescam" / "results.csv").exists()
     assert "Severity agreement" in (out / "metrics.md").read_text(encoding="utf-8")
+
+
+def test_evaluate_every_method(capsys, tmp_path, tiny_bundle, eval_studies, one_torch_thread):
+    """Every method ``evaluate`` offers (IBA, HiResCAM, Grad-CAM, iGOS++, I-GOS, LRP) in one run, with
+    short optimizations, gives a full table, curves and overlays, and per-slice rows for each."""
+    from pipelines.evaluate import EVAL_METHODS
+
+    methods = list(EVAL_METHODS)
+    assert set(methods) == {"iba", "hirescam", "gradcam", "igospp", "igos", "lrp"}
+    out = tmp_path / "eval"
+    code, stdout, err = _evaluate(
+        capsys, str(eval_studies), "--methods", ",".join(methods), "--out", str(out), "--bundle", str(tiny_bundle),
+        "--max-slices", "1", "--param", "iba.steps=2", "--param", "iba.n_samples=2",
+        "--param", "igospp.iterations=2", "--param", "igospp.ig_steps=2",
+        "--param", "igos.iterations=2", "--param", "igos.ig_steps=2", *FAST)
+    assert code == 0, err
+    table = _check_table(out, methods, localization=True)
+    for method in methods:
+        assert f"| {method} |" in stdout
+        assert int(table[(method, "aopc")]["n"]) == 2  # one lesion slice and one healthy slice
+        assert int(table[(method, "pointing_game")]["n"]) == 1
+    with open(out / "per_slice.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["method"] for r in rows) == sorted(methods * 2)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["params"]["igospp"] == {"iterations": 2, "ig_steps": 2}
+    assert set(summary["constant_maps"]) == set(methods)
 
 
 @pytest.mark.parametrize("case, needle", [
@@ -255,3 +288,30 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
     est, lo, hi, n = doc_script.paired_difference(rows, "hirescam", "gradcam", "aopc", n=100)
     assert n == 2 and lo <= est <= hi
     assert doc_script.paired_difference(rows, "hirescam", "hirescam", "aopc", n=100)[:3] == (0.0, 0.0, 0.0)
+
+
+def _guided_result(sha: str, auc: float, epg: float, drop: float) -> dict:
+    rows = [{"method": "hirescam", "metric": m, "n": 4, "mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1,
+             "higher_is_better": m != "average_drop"}
+            for m, v in (("energy_pointing_game", epg), ("iou", 0.2), ("best_iou", 0.3), ("average_drop", drop),
+                         ("average_increase", 10.0))]
+    return {"rows": rows, "summary": {"methods": ["hirescam"], "model": {"sha256": sha},
+                                      "classifier": {"slice_auc": auc, "n_slices": 120}}}
+
+
+def test_guided_before_after_section():
+    """The before/after table of the guided fine-tuning: one row per model and method, the slice-AUC
+    verdict against the 0.01 tolerance, and which metrics improved."""
+    doc = _doc_script()
+    runs = {"guided_before": {"command": "ctseverity evaluate A"}, "guided_after": {"command": "ctseverity evaluate B"}}
+    meta = {"guided_info": {"training": {"source_sha256": "f" * 64}}}
+    before = _guided_result("a" * 64, 0.950, 0.40, 30.0)
+    lines = doc._guided_section(before, _guided_result("b" * 64, 0.955, 0.50, 35.0), runs, meta)
+    text = "\n".join(lines)
+    assert text.count("| before (default) | 0.950 | hirescam | 0.400 [0.300, 0.500]") == 1
+    assert "| after (guided) | 0.955 | hirescam | 0.500 [0.400, 0.600]" in text
+    assert "0.950 before, 0.955 after (+0.005): **within 0.01**" in text
+    assert "better after fine-tuning on energy_pointing_game; worse on average_drop" in text
+    assert "ctseverity evaluate B" in text and "from source `ffffffffffffffff`" in text
+    far = "\n".join(doc._guided_section(before, _guided_result("b" * 64, 0.930, 0.40, 30.0), runs, meta))
+    assert "(-0.020): **not within 0.01**" in far
