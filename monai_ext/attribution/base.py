@@ -22,7 +22,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Attributor", "resolve_layer", "select_target", "gather_scores", "frozen_parameters"]
+__all__ = ["Attributor", "resolve_layer", "select_target", "gather_scores", "frozen_parameters", "autocast_dtype"]
+
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def autocast_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """The autocast dtype of an ``autocast_dtype`` argument: ``None``, ``torch.bfloat16`` /
+    ``torch.float16``, or their names (``"bfloat16"``, ``"bf16"``, ``"float16"``, ``"fp16"``, as
+    given on the command line or in a bundle config).
+
+    Raises:
+        ValueError: for any other value.
+    """
+    if value is None or value in (torch.bfloat16, torch.float16):
+        return value  # type: ignore[return-value]
+    if isinstance(value, str) and value.lower().removeprefix("torch.") in _AUTOCAST:
+        return _AUTOCAST[value.lower().removeprefix("torch.")]
+    raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16 (or 'bfloat16', 'float16'), "
+                     f"got {value!r}")
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:

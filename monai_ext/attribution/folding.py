@@ -12,6 +12,7 @@ pooling before their convolution, and each dense block computed as one autograd 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -503,7 +504,8 @@ def _fold(fn: Callable) -> Callable:
     return fn
 
 
-def split_model(model: nn.Module, layer: str, fold_batchnorm: bool = False) -> tuple[Callable, Callable] | None:
+def split_model(model: nn.Module, layer: str, fold_batchnorm: bool = False, tail_dtype: torch.dtype | None = None
+                ) -> tuple[Callable, Callable] | None:
     """Split ``model`` at the output of the module named ``layer``.
 
     Args:
@@ -514,6 +516,9 @@ def split_model(model: nn.Module, layer: str, fold_batchnorm: bool = False) -> t
             convolution), and fold batch norms that directly follow a convolution in the chain.
             Eval mode only (running statistics). The result is the same up to float rounding,
             computed in fewer passes over the data; forward hooks on the folded modules do not run.
+        tail_dtype: with ``fold_batchnorm``, compute the folded tail in this dtype (e.g.
+            ``torch.bfloat16``; see :func:`fold_model`); its input is cast to it and its output
+            back, so gradients with respect to the tail input keep the input's dtype.
 
     Returns:
         ``(head, tail)`` with ``tail(head(x)) == model(x)``, or ``None`` when the model's forward
@@ -537,7 +542,21 @@ def split_model(model: nn.Module, layer: str, fold_batchnorm: bool = False) -> t
     head.append(module)
     if fold_batchnorm:
         head, tail = _fold_chain(head), _fold_chain(tail)
+        if tail_dtype is not None:
+            cast = _cast(tail, tail_dtype, {})
+            if cast is None:
+                return None
+            return _chain(head), _cast_io(_chain(cast), tail_dtype)  # type: ignore[arg-type]
     return _chain(head), _chain(tail)
+
+
+def _cast_io(fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` computed in ``dtype``: its input cast to it, its output back to the input's dtype."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return fn(x.to(dtype)).to(x.dtype)
+
+    return run
 
 
 
@@ -552,7 +571,39 @@ def _expand(fn: Callable) -> list:
     return [fn]
 
 
-def fold_model(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _cast(fn: object, dtype: torch.dtype, memo: dict) -> object:
+    """A copy of a folded chain element whose floating-point tensors (and modules) are in ``dtype``;
+    ``None`` for an element that cannot be cast (a closure)."""
+    key = id(fn)
+    if key in memo:
+        return memo[key]
+    if isinstance(fn, torch.Tensor):
+        out: object = fn.to(dtype) if fn.is_floating_point() else fn
+    elif isinstance(fn, nn.Module):
+        out = copy.deepcopy(fn).to(dtype)
+    elif isinstance(fn, list):
+        out = [_cast(v, dtype, memo) for v in fn]
+        if any(v is None for v in out):  # type: ignore[union-attr]
+            out = None
+    elif isinstance(fn, (_DenseBlockPlan, _DenseBlockLayer, _FoldedDenseLayer, _FoldedTransition, _FoldedConvBN,
+                         _BnReluPointwiseConv)):
+        out = copy.copy(fn)
+        for name, value in vars(fn).items():
+            if isinstance(value, (torch.Tensor, nn.Module, list, _DenseBlockLayer, _BnReluPointwiseConv)):
+                cast = _cast(value, dtype, memo)
+                if cast is None:
+                    out = None
+                    break
+                setattr(out, name, cast)
+    elif callable(fn) and getattr(fn, "__name__", "") == "_flatten":
+        out = fn
+    else:
+        out = None
+    memo[key] = out
+    return out
+
+
+def fold_model(model: nn.Module, dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The whole model as a chain of modules with its batch norms folded (eval mode).
 
     The same function as ``model`` up to float rounding (see :func:`split_model` with
@@ -562,10 +613,15 @@ def fold_model(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
 
     Args:
         model: the network, in eval mode for its batch norms to fold.
+        dtype: compute in this dtype (e.g. ``torch.bfloat16``): the folding is done in the model's
+            precision and its result cast (the model is not changed); inputs are cast to it and
+            the output back to the input's dtype, so input gradients keep the input's dtype.
+            ``None``: the model's own dtype.
 
     Returns:
         A callable ``f(x) == model(x)``, or ``None`` when the model's forward is not a known chain of
-        modules (``nn.Sequential`` containers and MONAI DenseNet, ResNet and SENet are known).
+        modules (``nn.Sequential`` containers and MONAI DenseNet, ResNet and SENet are known) or
+        cannot be cast to ``dtype``.
 
     Example::
 
@@ -574,4 +630,8 @@ def fold_model(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
     """
     if _sequential_view(model) is None:
         return None
-    return _chain(_fold_chain(_expand(model)))
+    fns = _fold_chain(_expand(model))
+    if dtype is None:
+        return _chain(fns)
+    cast = _cast(fns, dtype, {})
+    return None if cast is None else _cast_io(_chain(cast), dtype)  # type: ignore[arg-type]

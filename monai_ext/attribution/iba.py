@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monai_ext.attribution.base import Attributor, resolve_layer, select_target
+from monai_ext.attribution.base import autocast_dtype as _autocast_dtype
 from monai_ext.attribution.folding import split_model
 from monai_ext.io.atomic import atomic_path
 from monai_ext.networks.factory import default_iba_layer
@@ -315,6 +316,12 @@ class IBA(Attributor):
             1x1 convolutions (see :func:`split_model`): same maps up to float rounding, about a
             quarter less time.
         channels_last: feed the tail channels-last tensors (faster convolutions on CPU).
+        autocast_dtype: ``torch.bfloat16`` (or ``"bfloat16"``) / ``torch.float16``: compute the
+            tail in that dtype (folded and cast for known models, see :func:`split_model`, else
+            under autocast), the bottleneck and the optimization of alpha staying in float32;
+            ``None`` (default): float32 throughout. The maps agree with float32 ones to the
+            precision of the dtype; whether it is faster depends on the hardware (see
+            docs/benchmarks.md).
         upsample_mode: interpolation from the layer resolution to the input size.
         batch_size: slices optimized together (each step runs ``batch_size * n_samples`` noisy
             activations through the tail). About 0.45 GB per slice for DenseNet121 at 256 x 256
@@ -341,7 +348,8 @@ class IBA(Attributor):
                  steps: int = 10, lr: float = 1.0, n_samples: int = 10, sigma: float | None = 1.0,
                  initial_alpha: float = 5.0, min_std: float = 0.01, active_threshold: float = 0.01,
                  seed: int = 0, estimate_from_batch: bool = False, fold_batchnorm: bool = True,
-                 channels_last: bool = True, upsample_mode: str = "bilinear", batch_size: int | None = 2) -> None:
+                 channels_last: bool = True, autocast_dtype: torch.dtype | str | None = None,
+                 upsample_mode: str = "bilinear", batch_size: int | None = 2) -> None:
         super().__init__(model, target_layer, upsample_mode=upsample_mode, batch_size=batch_size, beta=beta,
                          steps=steps, lr=lr, n_samples=n_samples, sigma=sigma, initial_alpha=initial_alpha,
                          min_std=min_std, active_threshold=active_threshold, seed=seed)
@@ -374,6 +382,7 @@ class IBA(Attributor):
         self.estimate_from_batch = bool(estimate_from_batch)
         self.fold_batchnorm = bool(fold_batchnorm)
         self.channels_last = bool(channels_last)
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
         self._smoothing: dict = {}
 
     # --------------------------------------------------------------------------------------------
@@ -428,12 +437,29 @@ class IBA(Attributor):
 
     # --------------------------------------------------------------------------------------------
     def _parts(self, x: torch.Tensor) -> tuple[Callable, Callable]:
-        """``(head(x), tail(z))`` for this call (split from the current weights)."""
-        split = split_model(self.model, self.target_layer, fold_batchnorm=self.fold_batchnorm)
+        """``(head(x), tail(z))`` for this call (split from the current weights); with
+        ``autocast_dtype``, a tail computed in that dtype (folded and cast where the model is
+        known, else under autocast)."""
+        dtype = self.autocast_dtype
+        if dtype is not None and self.fold_batchnorm:
+            split = split_model(self.model, self.target_layer, fold_batchnorm=True, tail_dtype=dtype)
+            if split is not None:
+                return split[0], split[1]
+        split = split_model(self.model, self.target_layer, fold_batchnorm=self.fold_batchnorm and dtype is None)
         if split is not None:
-            return split[0], split[1]
-        layer = self.layer
-        return (lambda inp: _head_by_hook(self.model, layer, inp)), (lambda z: _tail_by_hook(self.model, layer, x, z))
+            head, tail = split
+        else:
+            layer = self.layer
+            head, tail = (lambda inp: _head_by_hook(self.model, layer, inp)), \
+                (lambda z: _tail_by_hook(self.model, layer, x, z))
+        if dtype is None:
+            return head, tail
+
+        def autocast_tail(z: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type=z.device.type, dtype=dtype):
+                return tail(z).float()
+
+        return head, autocast_tail
 
     def _smooth(self, lam: torch.Tensor) -> torch.Tensor:
         """Gaussian smoothing of each (h, w) map of ``lam`` (B, C, h, w), as two small matrix products."""

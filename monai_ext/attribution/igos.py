@@ -75,6 +75,7 @@ from monai.networks.layers import separable_filtering
 from torch import nn
 
 from monai_ext.attribution.base import Attributor, select_target
+from monai_ext.attribution.base import autocast_dtype as _autocast_dtype
 from monai_ext.attribution.folding import fold_model
 
 __all__ = ["IGOS", "IGOSPP", "blur_baseline", "gaussian_blur_kernel_size"]
@@ -172,7 +173,7 @@ class _IntegratedGradientMasks(Attributor):
                  step_shrink: float = 0.2, step_min: float = 1e-5, armijo: float = 1e-4, warm_start: bool = True,
                  noise_std: float = 0.2, blur_ratio: float = _BLUR_RATIO, blur_sigma: float | None = None,
                  tv_beta: float = 2.0, bilateral_sigma: float = 0.01, seed: int = 0, chunk_size: int = 16,
-                 channels_last: bool = True, autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = True, autocast_dtype: torch.dtype | str | None = None,
                  batch_size: int | None = None, fold_batchnorm: bool = True) -> None:
         if mask_size is not None:
             try:
@@ -182,6 +183,7 @@ class _IntegratedGradientMasks(Attributor):
             if len(ms) != 2 or min(ms) < 1 or isinstance(mask_size, bool):
                 raise ValueError(f"mask_size must be a positive int or (h, w), got {mask_size!r}")
             mask_size = ms
+        autocast_dtype = _autocast_dtype(autocast_dtype)
         settings = dict(mask_size=mask_size, iterations=int(iterations), ig_steps=int(ig_steps),
                         l1=None if l1 is None else float(l1), l2=float(l2), step_init=float(step_init),
                         step_shrink=float(step_shrink), step_min=float(step_min), armijo=float(armijo),
@@ -209,8 +211,6 @@ class _IntegratedGradientMasks(Attributor):
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"{type(self).__name__}: invalid " + ", ".join(f"{k}={settings[k]!r}" for k in bad))
-        if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype}")
         super().__init__(model, target_layer=None, upsample_mode="bilinear", batch_size=batch_size, **settings)
         self.mask_size: tuple[int, int] | None = mask_size
         self.iterations = settings["iterations"]

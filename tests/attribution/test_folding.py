@@ -122,3 +122,29 @@ def test_fold_model_unknown_and_plain_chains():
     y, g = value_and_input_grad(fold_model(seq), x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_fold_model_in_bfloat16_keeps_the_model_and_the_input_dtype(small_densenet):
+    """``dtype=torch.bfloat16``: computed in bfloat16 from a float32 fold (scores and input gradients
+    close to float32 ones at bfloat16 precision), float32 in and out, the model left unchanged."""
+    net = small_densenet(1)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(4, 1, 40, 40, generator=torch.Generator().manual_seed(4))
+    y32, g32 = value_and_input_grad(net, x)
+    bf16 = fold_model(net, dtype=torch.bfloat16)
+    inner = next(c.cell_contents for c in bf16.__closure__ if callable(c.cell_contents))  # the cast chain
+    plans = [p for p in parts(inner) if isinstance(p, _DenseBlockPlan)]
+    assert plans and all(layer.weight1.dtype == torch.bfloat16 for plan in plans for layer in plan.layers)
+    y, g = value_and_input_grad(bf16, x)
+    assert y.dtype == g.dtype == torch.float32
+    assert float((y - y32).abs().max()) < 0.05 * float(y32.abs().max())
+    cosine = float((g * g32).sum() / (g.norm() * g32.norm()))
+    assert cosine > 0.98, cosine
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in net.state_dict().items())
+    head, tail = split_model(net, "features.transition1", fold_batchnorm=True, tail_dtype=torch.bfloat16)
+    with torch.no_grad():
+        z = head(x)
+        assert z.dtype == torch.float32 and tail(z).dtype == torch.float32
+        assert float((tail(z) - y32).abs().max()) < 0.05 * float(y32.abs().max())

@@ -119,6 +119,27 @@ def test_batched_equals_slice_by_slice_densenet():
     assert (batched - plain).abs().max() <= 1e-3 * batched.abs().max()
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_bfloat16_tail_gives_the_float32_map(trained_like_batchnorm, fold):
+    """``autocast_dtype``: the tail in bfloat16 (folded and cast, or under autocast) gives the float32
+    map up to bfloat16 rounding: same ranking of the positions, float32 output."""
+    net = trained_like_batchnorm(build_classifier("densenet121"), torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    est = IBA.fit_estimator(net, torch.randn(8, 1, 64, 64, generator=torch.Generator().manual_seed(1)))
+    ref = IBA(net, estimator=est, steps=4, n_samples=4, fold_batchnorm=fold)(x, target=1)
+    bf16 = IBA(net, estimator=est, steps=4, n_samples=4, fold_batchnorm=fold, autocast_dtype="bfloat16")
+    assert bf16.autocast_dtype is torch.bfloat16
+    maps = bf16(x, target=1)
+    assert maps.dtype == torch.float32 and maps.shape == ref.shape
+    for a, b in zip(maps.flatten(1), ref.flatten(1)):
+        ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
+        rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+        assert rho > 0.9, rho
+    assert float((maps - ref).abs().max()) < 0.1 * float(ref.max())
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        IBA(net, estimator=est, autocast_dtype="int8")
+
+
 def test_fallback_for_unknown_forward_matches_split(data):
     net = small_net()
     wrapped = Wrapped(net)
