@@ -199,6 +199,67 @@ def _dataset_section(title: str, res: dict, run: dict, n_boot: int) -> list[str]
     return lines
 
 
+#: the metrics of the guided before/after table (Zhou et al. report localization and Average Drop / Increase)
+GUIDED_METRICS = ("energy_pointing_game", "iou", "best_iou", "average_drop", "average_increase")
+#: largest slice-AUC change the guided model may show (the issue's "within 0.01")
+GUIDED_AUC_TOLERANCE = 0.01
+
+
+def _guided_section(before: dict, after: dict, runs: dict, meta: dict) -> list[str]:
+    """Before/after table of the saliency-guided fine-tuning: the source model and the guided one on
+    the same semi-synthetic slices."""
+    sb, sa = before["summary"], after["summary"]
+    auc_b = _num((sb.get("classifier") or {}).get("slice_auc"))
+    auc_a = _num((sa.get("classifier") or {}).get("slice_auc"))
+    n_auc = (sa.get("classifier") or {}).get("n_slices", "?")
+    info = meta.get("guided_info") or {}
+    training = info.get("training", {}) if isinstance(info, dict) else {}
+    lines = ["## Saliency-guided fine-tuning: before and after", "",
+             "The default model (before) and the same model fine-tuned with information-bottleneck saliency "
+             "guidance (after; Zhou et al., BMVC 2022; `configs/train_guided.json`, made by "
+             "`python scripts/train_guided_default.py --out GUIDED` on procedural phantoms only, "
+             f"sha256 `{sa['model']['sha256'][:16]}`"
+             + (f", from source `{str(training.get('source_sha256', ''))[:16]}`" if training.get("source_sha256")
+                else "")
+             + "), evaluated by `ctseverity evaluate` with the settings of (a) on the same slices of semi-synthetic "
+             f"studies made from the real chest CT with {meta.get('guided_percents', '?')} % lesion load (another "
+             "seed than (a); the clean study gives the negative slices). Slice AUC: the classifier over every lung "
+             "slice of these studies (a slice is positive when it holds inserted lesion). Localization and "
+             "Average Drop / Increase: mean [95 % bootstrap interval over slices].", "",
+             "```bash", *([meta["guided_prepare"]] if meta.get("guided_prepare") else []),
+             *(runs[k]["command"] for k in ("guided_before", "guided_after") if k in runs), "```", "",
+             "| model | slice AUC | method | energy pointing game ↑ | IoU ↑ | best IoU ↑ | Average Drop ↓ | "
+             "Average Increase ↑ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, res, auc in (("before (default)", before, auc_b), ("after (guided)", after, auc_a)):
+        by = {(r["method"], r["metric"]): r for r in res["rows"]}
+        for method in res["summary"]["methods"]:
+            cells = []
+            for metric in GUIDED_METRICS:
+                r = by.get((method, metric))
+                cells.append("-" if r is None or not math.isfinite(r["mean"]) else
+                             f"{r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]")
+            lines.append(f"| {label} | {_fmt(auc, 3)} | {method} | " + " | ".join(cells) + " |")
+    delta = auc_a - auc_b
+    if math.isfinite(delta):
+        ok = abs(delta) <= GUIDED_AUC_TOLERANCE
+        lines += ["", f"Slice AUC over {n_auc} lung slices: {auc_b:.3f} before, {auc_a:.3f} after ({delta:+.3f}): "
+                      + (f"**within {GUIDED_AUC_TOLERANCE}** of the source model, as required."
+                         if ok else f"**not within {GUIDED_AUC_TOLERANCE}** of the source model.")]
+    for method in sa["methods"]:
+        ra = {r["metric"]: r for r in after["rows"] if r["method"] == method}
+        rb = {r["metric"]: r for r in before["rows"] if r["method"] == method}
+        better = [m for m in GUIDED_METRICS if m in ra and m in rb and math.isfinite(ra[m]["mean"])
+                  and math.isfinite(rb[m]["mean"])
+                  and (ra[m]["mean"] > rb[m]["mean"]) == _HIGHER[m] and ra[m]["mean"] != rb[m]["mean"]]
+        worse = [m for m in GUIDED_METRICS if m in ra and m in rb and m not in better
+                 and math.isfinite(ra[m]["mean"]) and math.isfinite(rb[m]["mean"]) and ra[m]["mean"] != rb[m]["mean"]]
+        lines.append(f"- {method}: better after fine-tuning on {', '.join(better) or 'none'}; worse on "
+                     f"{', '.join(worse) or 'none'} (means; see the intervals).")
+    lines.append("")
+    return lines
+
+
 def _claims_section(results: dict[str, dict], n_boot: int) -> tuple[list[str], dict]:
     lines = ["## The papers' claims", "",
              "Paired differences over the same slices (method a minus method b, mean and 95 % bootstrap interval). "
@@ -354,6 +415,9 @@ def render(results: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
     claims, _ = _claims_section({("(a) semi-synthetic" if k == "semisynthetic" else "(b) MedSeg"): v
                                  for k, v in results.items()}, n_boot)
     lines += claims
+    guided = meta.get("guided_results") or {}
+    if "guided_before" in guided and "guided_after" in guided:
+        lines += _guided_section(guided["guided_before"], guided["guided_after"], runs, meta)
     lines += ["## Caveats", ""] + [f"- {n}" for n in _notes(
         {("(a)" if k == "semisynthetic" else "(b)"): v for k, v in results.items()}, meta["params"])] + [""]
     return "\n".join(lines)
@@ -387,8 +451,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
-    p.add_argument("--only", choices=["semisynthetic", "medseg"], help="run one of the two evaluations")
+    p.add_argument("--only", choices=["semisynthetic", "medseg", "guided_before", "guided_after"],
+                   help="run one of the evaluations")
     p.add_argument("--skip-run", dest="skip_run", action="store_true", help="only rewrite the page")
+    p.add_argument("--guided", type=Path, default=None,
+                   help="a saliency-guided bundle (scripts/train_guided_default.py): add the before/after table")
+    p.add_argument("--guided-methods", dest="guided_methods", default="hirescam,gradcam",
+                   help="methods of the before/after table (default: the gradient saliencies the guidance trains)")
+    p.add_argument("--guided-percents", dest="guided_percents", default="0,10,30,60",
+                   help="lesion loads of the before/after studies (with a clean one, for the slice AUC)")
     args = p.parse_args(None if argv is None else list(argv))
     args.param = list(DEFAULT_PARAMS if args.param is None else args.param)
 
@@ -410,9 +481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     runs_path = work / "runs.json"
     runs = json.loads(runs_path.read_text(encoding="utf-8")) if runs_path.exists() else {}
+    guided_plan: dict[str, list[str]] = {}
+    guided_studies = work / "guided_studies"
+    guided_percents = [float(v) for v in args.guided_percents.split(",")]
+    if args.guided is not None:
+        for key, bundle in (("guided_before", args.bundle), ("guided_after", str(args.guided))):
+            sub = argparse.Namespace(**dict(vars(args), methods=args.guided_methods, bundle=bundle))
+            guided_plan[key] = _evaluate_args(guided_studies, work / f"eval_{key}", sub, False, None)
     if not args.skip_run:
         work.mkdir(parents=True, exist_ok=True)
-        for key, argv_k in plan.items():
+        for key, argv_k in {**plan, **guided_plan}.items():
             if args.only and key != args.only:
                 continue
             if key == "semisynthetic" and not (studies / "truth.csv").exists():
@@ -420,6 +498,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 write_studies(studies, percents, base=args.ct, seed=2024, masks=True, lung_backend="threshold",
                               prefix="real")
+            if key in guided_plan and not (guided_studies / "truth.csv").exists():
+                from monai_ext.data.studies import write_studies
+
+                write_studies(guided_studies, guided_percents, base=args.ct, seed=2025, masks=True,
+                              lung_backend="threshold", prefix="real")
             run = {"command": _command(argv_k), "load_start": _load_average()}
             t0 = time.perf_counter()
             code = cli_main(["evaluate", *argv_k])
@@ -435,6 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for k in results:
         runs.setdefault(k, {"command": _command(plan[k])})
+    guided_results = {k: _load(work / f"eval_{k}") for k in guided_plan
+                      if (work / f"eval_{k}" / "metrics.csv").exists()}
+    for k in guided_results:
+        runs.setdefault(k, {"command": _command(guided_plan[k])})
+    guided_info = None
+    if args.guided is not None and (args.guided / "models" / "model.json").exists():
+        guided_info = json.loads((args.guided / "models" / "model.json").read_text(encoding="utf-8"))
     from pipelines.bundle import bundle_path
 
     root = bundle_path(args.bundle)
@@ -448,7 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: outputs of model(s) {', '.join(stale)}, the bundle holds {str(current)[:16]}: rerun")
     meta = {"date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
             "ct": args.ct, "medseg": args.medseg, "percents": "/".join(f"{v:g}" for v in percents),
-            "current_sha": current, "version": version}
+            "current_sha": current, "version": version, "guided_results": guided_results,
+            "guided_info": guided_info, "guided_prepare": (
+                f"python -c \"from monai_ext.data.studies import write_studies; write_studies('{guided_studies}', "
+                f"{guided_percents}, base='{_rel(args.ct)}', seed=2025, masks=True, lung_backend='threshold', "
+                "prefix='real')\""), "guided_percents": "/".join(f"{v:g}" for v in guided_percents)}
     atomic_write_text(args.doc, render(results, runs, meta))
     print(f"written {args.doc}")
     return 0
