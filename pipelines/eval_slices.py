@@ -98,6 +98,7 @@ class EvalSlices:
         screen_probability: (M,) the classifier's lesion probability of every lung slice of the
             studies (not only the evaluated ones), for the slice AUC; ``None`` for 2D images.
         screen_labels: (M,) long labels of those slices (as ``labels``).
+        screen_slices: (study, axial index) of each of those slices.
     """
 
     images: torch.Tensor
@@ -112,6 +113,7 @@ class EvalSlices:
     notes: list[str] = field(default_factory=list)
     screen_probability: torch.Tensor | None = None
     screen_labels: torch.Tensor | None = None
+    screen_slices: list[tuple[str, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -224,6 +226,7 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
     parts: dict[str, list] = {k: [] for k in ("images", "lung", "lesion", "has_mask", "labels")}
     screen_p: list[torch.Tensor] = []
     screen_y: list[torch.Tensor] = []
+    screen_slices: list[tuple[str, int]] = []
     source: list[str] = []
     index: list[int] = []
     paths: list[str] = []
@@ -254,6 +257,7 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
         n = int(images.shape[0])
         screen_p.append(predict_slices(model.network, every.images, device=model.device))
         screen_y.append(labels)
+        screen_slices += [(rec.study, int(z)) for z in candidates]
         parts["images"].append(images)
         parts["lung"].append(_mask_slices(lung, lung, spacing, model.size, idx))
         if lesion is not None:
@@ -269,7 +273,7 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
         raise CTSeverityError("no slice to evaluate: no study could be read" + (f" ({notes[0]})" if notes else ""))
     return EvalSlices(**{k: torch.cat(v) for k, v in parts.items()}, source=source, index=index, kind="studies",
                       study_paths=paths, notes=notes, screen_probability=torch.cat(screen_p),
-                      screen_labels=torch.cat(screen_y))
+                      screen_labels=torch.cat(screen_y), screen_slices=screen_slices)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -557,6 +557,11 @@ def write_outputs(out: Path, evals: Sequence[MethodEvaluation], data: EvalSlices
         md += ["## Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
     written["metrics.md"] = atomic_write_text(out / "metrics.md", "\n".join(md))
     written["per_slice.csv"] = atomic_write_text(out / "per_slice.csv", _per_slice_text(evals, data, probs))
+    if data.screen_probability is not None and data.screen_slices:
+        written["classifier_slices.csv"] = atomic_write_text(out / "classifier_slices.csv", _csv_text(
+            ["source", "slice", "label", "probability"],
+            [[src, z, int(y), float(p)] for (src, z), y, p in
+             zip(data.screen_slices, data.screen_labels.tolist(), data.screen_probability.tolist())]))
     for p in _plot_curves(evals, out):
         written[p.name] = p
     slices = _example_slices(data, n_examples)

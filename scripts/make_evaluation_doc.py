@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "CLAIMS", "paired_difference", "render"]
+__all__ = ["main", "CLAIMS", "paired_difference", "render", "auc_difference"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CTSEVERITY_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -147,8 +147,37 @@ def _load(out: Path) -> dict:
                      "ci_low": _num(r["ci_low"]), "ci_high": _num(r["ci_high"]),
                      "higher_is_better": r["higher_is_better"] == "True"})
     severity = _read_csv(out / "severity.csv") if (out / "severity.csv").exists() else []
+    classifier = _read_csv(out / "classifier_slices.csv") if (out / "classifier_slices.csv").exists() else []
     return {"rows": rows, "per_slice": _read_csv(out / "per_slice.csv"), "severity": severity,
-            "summary": json.loads((out / "summary.json").read_text(encoding="utf-8"))}
+            "classifier": classifier, "summary": json.loads((out / "summary.json").read_text(encoding="utf-8"))}
+
+
+def auc_difference(before: Sequence[dict], after: Sequence[dict], n: int = 1000, seed: int = 0
+                   ) -> tuple[float, float, float, int]:
+    """Slice AUC of ``after`` minus that of ``before`` over the slices both scored (rows of
+    ``classifier_slices.csv``), with a 95 % paired bootstrap interval over slices (resamples that
+    lack a class are drawn again). Returns ``(difference, low, high, slices)``; NaN without both classes."""
+    import numpy as np
+
+    from pipelines.bundle import slice_auc
+
+    b = {(r["source"], r["slice"]): r for r in before}
+    pairs = [(int(b[k]["label"]), float(b[k]["probability"]), float(r["probability"]))
+             for r in after for k in [(r["source"], r["slice"])] if k in b and int(r["label"]) >= 0]
+    if not pairs:
+        return math.nan, math.nan, math.nan, 0
+    y, pb, pa = (np.array(v) for v in zip(*pairs))
+    if y.min() == y.max():
+        return math.nan, math.nan, math.nan, len(y)
+    est = slice_auc(pa, y) - slice_auc(pb, y)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    while len(diffs) < n:
+        i = rng.integers(0, len(y), len(y))
+        if y[i].min() != y[i].max():
+            diffs.append(slice_auc(pa[i], y[i]) - slice_auc(pb[i], y[i]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(est), float(lo), float(hi), len(y)
 
 
 def _machine() -> str:
@@ -243,7 +272,13 @@ def _guided_section(before: dict, after: dict, runs: dict, meta: dict) -> list[s
     delta = auc_a - auc_b
     if math.isfinite(delta):
         ok = abs(delta) <= GUIDED_AUC_TOLERANCE
-        lines += ["", f"Slice AUC over {n_auc} lung slices: {auc_b:.3f} before, {auc_a:.3f} after ({delta:+.3f}): "
+        interval = ""
+        if before.get("classifier") and after.get("classifier"):
+            _, lo, hi, n_pairs = auc_difference(before["classifier"], after["classifier"])
+            if math.isfinite(lo):
+                interval = f", paired 95 % bootstrap interval [{lo:+.3f}, {hi:+.3f}] over {n_pairs} slices"
+        lines += ["", f"Slice AUC over {n_auc} lung slices: {auc_b:.3f} before, {auc_a:.3f} after ({delta:+.3f}"
+                      f"{interval}): "
                       + (f"**within {GUIDED_AUC_TOLERANCE}** of the source model, as required."
                          if ok else f"**not within {GUIDED_AUC_TOLERANCE}** of the source model.")]
     for method in sa["methods"]:
@@ -486,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     guided_percents = [float(v) for v in args.guided_percents.split(",")]
     if args.guided is not None:
         for key, bundle in (("guided_before", args.bundle), ("guided_after", str(args.guided))):
-            sub = argparse.Namespace(**dict(vars(args), methods=args.guided_methods, bundle=bundle))
+            keep = [p for p in args.param if p.split(".")[0] in args.guided_methods.split(",")]
+            sub = argparse.Namespace(**dict(vars(args), methods=args.guided_methods, bundle=bundle, param=keep))
             guided_plan[key] = _evaluate_args(guided_studies, work / f"eval_{key}", sub, False, None)
     if not args.skip_run:
         work.mkdir(parents=True, exist_ok=True)

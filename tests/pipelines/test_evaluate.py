@@ -111,6 +111,14 @@ def test_evaluate_studies_cams(capsys, tmp_path, tiny_bundle, eval_studies, one_
     assert 3 <= clf["n_positive"] < clf["n_slices"] and 0 <= clf["slice_auc"] <= 1
     assert f"slice AUC {clf['slice_auc']:.3f} over {clf['n_slices']} lung slices" in (out / "metrics.md").read_text(
         encoding="utf-8")
+    with open(out / "classifier_slices.csv", newline="", encoding="utf-8") as fh:
+        scored = list(csv.DictReader(fh))
+    assert len(scored) == clf["n_slices"] and sum(r["label"] == "1" for r in scored) == clf["n_positive"]
+    assert {r["source"] for r in scored} == {r["source"] for r in rows}
+    from pipelines.bundle import slice_auc
+
+    auc = slice_auc([float(r["probability"]) for r in scored], [int(r["label"]) for r in scored])
+    assert auc == pytest.approx(clf["slice_auc"])
     assert not (out / "severity.csv").exists()
 
 
@@ -315,3 +323,16 @@ def test_guided_before_after_section():
     assert "ctseverity evaluate B" in text and "from source `ffffffffffffffff`" in text
     far = "\n".join(doc._guided_section(before, _guided_result("b" * 64, 0.930, 0.40, 30.0), runs, meta))
     assert "(-0.020): **not within 0.01**" in far
+
+
+def test_auc_difference_paired_over_slices():
+    doc = _doc_script()
+    before = [{"source": "s", "slice": str(i), "label": str(y), "probability": str(p)}
+              for i, (y, p) in enumerate(zip([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]))]
+    after = [dict(r, probability=str(p)) for r, p in zip(before, [0.1, 0.8, 0.2, 0.9])]
+    after.append({"source": "other", "slice": "0", "label": "1", "probability": "0.5"})  # not in before: ignored
+    est, lo, hi, n = doc.auc_difference(before, after, n=200)
+    assert n == 4 and est == pytest.approx(0.75 - 1.0)  # 3 of the 4 negative-positive pairs ranked right after
+    assert lo <= est <= hi <= 0.0
+    assert doc.auc_difference(before, before, n=50)[:3] == (0.0, 0.0, 0.0)
+    assert math.isnan(doc.auc_difference(before[:2], before[:2])[0])  # one class only
