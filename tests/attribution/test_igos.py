@@ -304,6 +304,27 @@ def test_runs_on_monai_densenet121():
     assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())  # BN statistics untouched
 
 
+def test_bfloat16_runs_the_folded_model_in_bfloat16():
+    """``autocast_dtype="bfloat16"``: the folded DenseNet computed in bfloat16; objectives close to the
+    float32 ones for the same masks, the model left as it was."""
+    from monai.networks.nets import DenseNet121
+
+    torch.manual_seed(0)
+    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2).eval()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    fp32 = IGOSPP(net, iterations=2, ig_steps=4)
+    bf16 = IGOSPP(net, iterations=2, ig_steps=4, autocast_dtype="bfloat16")
+    assert bf16.autocast_dtype is torch.bfloat16
+    maps = bf16(x, target=1)
+    assert maps.dtype == torch.float32 and torch.isfinite(maps).all() and 0 <= maps.min() <= maps.max() <= 1
+    assert (bf16.history_[..., 1] <= bf16.history_[..., 0] + 1e-9).all()  # bfloat16 objective, monotone
+    masks = bf16.masks_
+    torch.testing.assert_close(bf16.objective(x, masks, target=1), fp32.objective(x, masks, target=1),
+                               atol=0.03, rtol=0)
+    assert all(torch.equal(v, weights[k]) and v.dtype == weights[k].dtype for k, v in net.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------
 def test_defaults_relative_to_input_size(toy):
     att = IGOSPP(toy)
