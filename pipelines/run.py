@@ -52,6 +52,28 @@ def add_run_options(p: argparse.ArgumentParser, method_default: str = "iba") -> 
                         "or one worker per GPU with a cuda device)")
 
 
+def _method_params(method: str, items: list[str] | None) -> dict:
+    """The attributor parameters of ``--param METHOD.KEY=VALUE`` items for the run's method.
+
+    Raises:
+        ValueError: a malformed item, parameters for another method, or a parameter the method
+            does not take.
+    """
+    if not items:
+        return {}
+    from pipelines.evaluate import parse_params
+    from pipelines.methods import check_params
+
+    parsed = parse_params(items, METHOD_CHOICES)
+    other = sorted(set(parsed) - {method})
+    if other:
+        raise ValueError(f"--param for {', '.join(other)}, but --method is {method}")
+    if method == "density":
+        raise ValueError("--param: the density method has no attributor parameters")
+    check_params(method, parsed[method])
+    return parsed[method]
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """A :class:`~pipelines.study.PipelineConfig` from parsed arguments (validated).
 
@@ -60,8 +82,10 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """
     from pipelines.study import PipelineConfig
 
+    params = _method_params(args.method, getattr(args, "param", None))
     return PipelineConfig(
         method=args.method,
+        method_params=params,
         bundle=args.bundle,
         lung_mask=getattr(args, "lung_mask", "auto"),
         lung_weights=getattr(args, "lung_weights", None),
@@ -162,6 +186,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, metavar="T", help="heatmap threshold in [0, 1] (default: the bundle's)")
     p.add_argument("--min-lesion-ml", dest="min_lesion_ml", type=float, metavar="V",
                    help="smallest lesion component kept, in ml (default: the bundle's)")
+    p.add_argument("--param", action="append", default=None, metavar="METHOD.KEY=VALUE",
+                   help="attributor parameter for --method (repeatable; JSON values), e.g. "
+                        "iba.autocast_dtype=bfloat16 or igospp.iterations=5")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, metavar="N",
                    help="slices per attribution batch (default 16)")
     p.set_defaults(func=run)

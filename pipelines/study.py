@@ -273,6 +273,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "input": str(study.path),
         "status": "ok",
         "method": config.method,
+        "method_params": dict(config.method_params),
         "lesion_rule": rule,
         "threshold": None if dens else cal["threshold"],
         "min_lesion_ml": cal["min_lesion_ml"],

@@ -51,6 +51,11 @@ def test_run_prints_table_agreement_and_report(tiny_studies, tmp_path, capsys):
         (["--truth", "/no/such/truth.csv"], "truth file not found"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--method", "hirescam", "--bundle", "/no/such/bundle"], "bundle folder not found"),
+        (["--param", "iba.steps"], "--param expects METHOD.KEY=VALUE"),
+        (["--method", "hirescam", "--param", "iba.steps=2"], "--param for iba, but --method is hirescam"),
+        (["--method", "iba", "--param", "iba.stepz=2"], "iba takes no parameter 'stepz'"),
+        (["--method", "iba", "--param", "iba.estimator=x"], "iba takes no parameter 'estimator'"),
+        (["--param", "density.x=1"], "the density method has no attributor parameters"),
     ],
 )
 def test_bad_arguments_exit_2(tiny_studies, tmp_path, capsys, extra, message):
@@ -59,6 +64,26 @@ def test_bad_arguments_exit_2(tiny_studies, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_method_parameters_reach_the_attributor_and_the_results(tiny_studies, tiny_bundle_ungated, tmp_path, capsys):
+    """``--param``: IBA with 2 steps, 2 samples and a bfloat16 tail; recorded in result.json, and a
+    rerun with other parameters redoes the studies (they are part of the run's fingerprint)."""
+    import json
+
+    out = tmp_path / "out"
+    args = ["-q", "run", str(tiny_studies), "--out", str(out), "--bundle", str(tiny_bundle_ungated),
+            "--method", "iba", "--device", "cpu"]
+    fast = ["--param", "iba.steps=2", "--param", "iba.n_samples=2"]
+    assert main([*args, *fast, "--param", "iba.autocast_dtype=bfloat16"]) == 0
+    res = json.loads((out / "synth_001_f20" / "result.json").read_text())
+    assert res["method_params"] == {"steps": 2, "n_samples": 2, "autocast_dtype": "bfloat16"}
+    assert res["lesion_volume_ml"] > 0  # the ungated bundle explains every slice
+    capsys.readouterr()
+    assert main([*args, *fast]) == 0  # other parameters: nothing skipped
+    assert "already complete" not in capsys.readouterr().out
+    assert json.loads((out / "synth_001_f20" / "result.json").read_text())["method_params"] == {
+        "steps": 2, "n_samples": 2}
 
 
 def test_missing_input_exits_2(tmp_path, capsys):
