@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from monai_ext.io import atomic_path, atomic_write_text
 from pipelines.eval_slices import DEFAULT_IMAGE_ROTATION, DEFAULT_IMAGE_WINDOW, EvalSlices
-from pipelines.methods import METHODS
+from pipelines.methods import METHODS, parse_params
 
 __all__ = [
     "register",
@@ -135,29 +135,6 @@ def parse_methods(text: str, allowed: Sequence[str] = EVAL_METHODS) -> list[str]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(allowed)}")
     return methods
-
-
-def parse_params(items: Sequence[str] | None, methods: Sequence[str] = EVAL_METHODS) -> dict[str, dict]:
-    """``["iba.steps=3", "igospp.iterations=5"]`` -> ``{"iba": {"steps": 3}, ...}`` (JSON values, else strings).
-
-    Raises:
-        ValueError: an item that is not ``METHOD.KEY=VALUE`` or names an unknown method.
-    """
-    out: dict[str, dict] = {}
-    for item in items or ():
-        head, sep, value = str(item).partition("=")
-        method, dot, key = head.partition(".")
-        if not sep or not dot or not key.strip():
-            raise ValueError(f"--param expects METHOD.KEY=VALUE, got {item!r}")
-        method = method.strip().lower()
-        if method not in methods:
-            raise ValueError(f"--param {item!r}: unknown method {method!r}; choose from {', '.join(methods)}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(method, {})[key.strip()] = parsed
-    return out
 
 
 def build_attributor(method: str, model, params: dict | None = None):

@@ -61,8 +61,7 @@ def _method_params(method: str, items: list[str] | None) -> dict:
     """
     if not items:
         return {}
-    from pipelines.evaluate import parse_params
-    from pipelines.methods import check_params
+    from pipelines.methods import check_params, parse_params
 
     parsed = parse_params(items, METHOD_CHOICES)
     other = sorted(set(parsed) - {method})

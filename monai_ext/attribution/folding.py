@@ -596,7 +596,7 @@ def _cast(fn: object, dtype: torch.dtype, memo: dict) -> object:
                     out = None
                     break
                 setattr(out, name, cast)
-    elif callable(fn) and getattr(fn, "__name__", "") == "_flatten":
+    elif fn is _flatten:
         out = fn
     else:
         out = None
