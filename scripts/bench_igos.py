@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-warm-start", action="store_true", help="line search from step_init at every iteration")
     p.add_argument("--no-channels-last", action="store_true", help="keep the model in contiguous layout")
     p.add_argument("--no-fold", action="store_true", help="run the model as it is (no folded batch norms)")
-    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    p.add_argument("--bf16", action="store_true",
+                   help="compute the model in bfloat16 (the folded network cast to it; autocast with --no-fold)")
     p.add_argument("--ct", type=Path, default=DEFAULT_CT if DEFAULT_CT.exists() else None,
                    help=f"chest CT NIfTI (default {DEFAULT_CT} when present, else synthetic slices)")
     p.add_argument("--weights", type=Path, default=None, help="DenseNet121 state dict (default: trained briefly)")
