@@ -281,6 +281,16 @@ def _guided_section(before: dict, after: dict, runs: dict, meta: dict) -> list[s
                       f"{interval}): "
                       + (f"**within {GUIDED_AUC_TOLERANCE}** of the source model, as required."
                          if ok else f"**not within {GUIDED_AUC_TOLERANCE}** of the source model.")]
+    guided_cfg = training.get("guided", {}) if isinstance(training, dict) else {}
+    if guided_cfg.get("trainable"):
+        updated = "the parameters under " + ", ".join(f"`{v}`" for v in guided_cfg["trainable"])
+    elif guided_cfg.get("train_from"):
+        updated = (f"the layers from `{guided_cfg['train_from']}` on (the earlier layers keep the source model's "
+                   "weights)")
+    else:
+        updated = "every layer"
+    lines += ["", f"The fine-tuning updated {updated}. The variants tried and their slice-AUC changes are in the "
+                  "model card (`bundles/ct_severity/docs/README.md`)."]
     for method in sa["methods"]:
         ra = {r["metric"]: r for r in after["rows"] if r["method"] == method}
         rb = {r["metric"]: r for r in before["rows"] if r["method"] == method}

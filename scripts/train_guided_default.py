@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slice-stride", type=int, default=2, help="keep every n-th training slice of a study")
     p.add_argument("--batch-size", type=int, help="default: the config's")
     p.add_argument("--learning-rate", type=float, help="default: train_guided.json's")
+    p.add_argument("--trainable", default=None,
+                   help="comma-separated parameter name prefixes to update (e.g. features.denseblock4,class_layers), "
+                        "or 'all'; default: the guided layer's block and everything after it (train_guided.json)")
     args = p.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides["batch_size"] = args.batch_size
     if args.learning_rate:
         overrides["learning_rate"] = args.learning_rate
+    if args.trainable == "all":
+        overrides["guide_train_from"] = None
+    elif args.trainable:
+        overrides["guide_trainable"] = [v.strip() for v in args.trainable.split(",") if v.strip()]
     t0 = time.time()
     info = train_bundle(manifest, out, epochs=args.epochs, device=args.device, overrides=overrides,
                         config=GUIDED_CONFIGS)

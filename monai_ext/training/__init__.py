@@ -15,6 +15,7 @@ from monai_ext.training.guided import (
     saliency_suppression_loss,
     smooth_feature_maps,
     top_share_mask,
+    trainable_parameters,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "top_share_mask",
     "saliency_suppression_loss",
     "saliency_cross_entropy",
+    "trainable_parameters",
     "feature_kl",
     "smooth_feature_maps",
 ]

@@ -321,8 +321,12 @@ def test_guided_before_after_section():
     assert "0.950 before, 0.955 after (+0.005): **within 0.01**" in text
     assert "better after fine-tuning on energy_pointing_game; worse on average_drop" in text
     assert "ctseverity evaluate B" in text and "from source `ffffffffffffffff`" in text
+    assert "The fine-tuning updated every layer." in text
     far = "\n".join(doc._guided_section(before, _guided_result("b" * 64, 0.930, 0.40, 30.0), runs, meta))
     assert "(-0.020): **not within 0.01**" in far
+    meta["guided_info"]["training"]["guided"] = {"train_from": "features.denseblock4", "trainable": None}
+    tail = "\n".join(doc._guided_section(before, _guided_result("b" * 64, 0.955, 0.50, 35.0), runs, meta))
+    assert "The fine-tuning updated the layers from `features.denseblock4` on" in tail
 
 
 def test_auc_difference_paired_over_slices():

@@ -27,6 +27,7 @@ from monai_ext.training import (
     saliency_suppression_loss,
     smooth_feature_maps,
     top_share_mask,
+    trainable_parameters,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,15 +223,20 @@ def synthetic_slices(n: int = 32, size: int = 96, seed: int = 0) -> list[dict]:
     return items
 
 
-def test_guided_steps_in_the_monai_trainer_lower_the_loss():
+def small_densenet_guide() -> tuple[nn.Module, list[dict], IBSaliencyGuidedLoss]:
+    """A small seeded MONAI DenseNet, the synthetic slices and a guided loss at its last block."""
     torch.manual_seed(0)
     net = DenseNet(spatial_dims=2, in_channels=1, out_channels=2, init_features=8, growth_rate=4,
                    block_config=(2, 2, 2, 2))
     data = synthetic_slices()
+    est = IBA.fit_estimator(net, torch.stack([d["image"] for d in data]), layer="features.denseblock4")
+    return net, data, IBSaliencyGuidedLoss(net, estimator=est)
+
+
+def test_guided_steps_in_the_monai_trainer_lower_the_loss():
+    net, data, guide = small_densenet_guide()
     images = torch.stack([d["image"] for d in data])
     labels = torch.stack([d["label"] for d in data])
-    est = IBA.fit_estimator(net, images, layer="features.denseblock4")
-    guide = IBSaliencyGuidedLoss(net, estimator=est)
     assert guide.target_layer == "features.denseblock4"
     before_loss = guide(images, labels).loss.item()
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -271,3 +277,30 @@ def test_raw_maps_are_the_attributor_maps_before_upsampling():
         assert raw.shape == (4, 1, 3, 3)
         up = torch.nn.functional.interpolate(raw, size=(96, 96), mode="bilinear", align_corners=False)
         torch.testing.assert_close(up, method(x, target=1))
+
+
+def test_guided_steps_update_only_the_trainable_parameters():
+    """With ``trainable_parameters`` the guided steps move the last block and the head only."""
+    net, data, guide = small_densenet_guide()
+    prefixes = ["features.denseblock4", "class_layers"]
+    params = trainable_parameters(net, prefixes)
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert params and all(names[id(p)].split(".")[0] == "class_layers" or names[id(p)].startswith(prefixes[0])
+                          for p in params)
+    assert len(trainable_parameters(net)) == len(list(net.parameters()))
+    # from a layer on: that block and everything registered after it (norm5, the head)
+    tail = {names[id(p)] for p in trainable_parameters(net, start="features.denseblock4")}
+    assert tail == {n for n, _ in net.named_parameters()
+                    if n.startswith(("features.denseblock4.", "features.norm5.", "class_layers."))}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
+                      optimizer=torch.optim.Adam(params, lr=3e-3), loss_function=nn.CrossEntropyLoss(),
+                      iteration_update=GuidedIteration(guide)).run()
+    changed = {k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
+    assert any(k.startswith("features.denseblock4.") for k in changed) and "class_layers.out.weight" in changed
+    assert all(k.startswith(("features.denseblock4.", "class_layers.")) for k in changed), sorted(changed)
+    with pytest.raises(ValueError, match="no parameter of the network is named 'features.block9'"):
+        trainable_parameters(net, ["features.block9"])
+    with pytest.raises(ValueError, match="no parameter of the network is named 'head'"):
+        trainable_parameters(net, start="head")
