@@ -111,6 +111,20 @@ class LoadedModel:
         return float(lo), float(hi)
 
     @property
+    def flatten_beyond_mm(self) -> float | None:
+        """Lung surroundings farther than this are flattened to soft tissue in the classifier's
+        input (:func:`~monai_ext.transforms.slices.flatten_surroundings`); None: not flattened."""
+        v = self.info["input"].get("flatten_beyond_mm")
+        return None if v is None else float(v)
+
+    @property
+    def slice_kwargs(self) -> dict:
+        """Keyword arguments of :func:`~monai_ext.transforms.slices.extract_slices` that make this
+        model's input."""
+        return {"size": self.size, "context": self.context, "window": self.window,
+                "flatten_beyond_mm": self.flatten_beyond_mm}
+
+    @property
     def checksum(self) -> str:
         return str(self.info["sha256"])
 

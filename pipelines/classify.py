@@ -44,7 +44,7 @@ def classify_study(path: str | os.PathLike, model: LoadedModel, lung_backend: st
     lung = LungMask(backend=lung_backend, weights_path=lung_weights)(ct)
     t["lung_mask"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stack = extract_slices(ct, lung, ct.pixdim.tolist(), size=model.size, context=model.context, window=model.window)
+    stack = extract_slices(ct, lung, ct.pixdim.tolist(), **model.slice_kwargs)
     t["slices"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     probs = predict_slices(model.network, stack.images, batch_size=batch_size, device=model.device)

@@ -43,7 +43,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from monai_ext.errors import CTSeverityError, InputNotFoundError
-from monai_ext.transforms.slices import extract_slices, lung_slice_indices, window_hu
+from monai_ext.transforms.slices import extract_slices, flatten_surroundings, lung_slice_indices, window_hu
 from pipelines.bundle import LoadedModel
 
 __all__ = [
@@ -247,8 +247,7 @@ def load_studies(records: Sequence, model: LoadedModel, max_slices: int | None =
                 labels = torch.full((candidates.numel(),), int(rec.label), dtype=torch.long)
             chosen = torch.as_tensor(pick_slices(labels.tolist(), max_slices, seed, rec.study), dtype=torch.long)
             idx = candidates[chosen]
-            every = extract_slices(ct, lung, spacing, size=model.size, context=model.context, window=model.window,
-                                   indices=candidates)
+            every = extract_slices(ct, lung, spacing, indices=candidates, **model.slice_kwargs)
             images = every.images[chosen]
         except CTSeverityError as exc:
             log.warning("skipping study %s: %s", rec.study, exc)
@@ -440,7 +439,12 @@ def load_image_pairs(pairs: Sequence[ImagePair], model: LoadedModel, window: Seq
                 raise CTSeverityError(f"mask size {lesion.shape} differs from its image's {gray.shape}", pair.mask)
         hu = image_to_hu(gray, window)
         lung = (_read_gray(pair.lung, rotation) > 0) if pair.lung else lung_mask_2d(hu, lesion)
-        x = window_hu(torch.from_numpy(hu)[None], model.window)
+        hu_t = torch.from_numpy(hu)
+        if model.flatten_beyond_mm is not None:  # pixel size unknown: a 360 mm field of view
+            mm = 360.0 / max(hu.shape)
+            hu_t = flatten_surroundings(hu_t[:, :, None], torch.from_numpy(lung)[:, :, None], (mm, mm),
+                                        model.flatten_beyond_mm)[:, :, 0]
+        x = window_hu(hu_t[None], model.window)
         parts["images"].append(_to_square(x, size, air).clamp(0, 1).expand(channels, -1, -1))
         masks = torch.from_numpy(np.stack([lung, lesion if lesion is not None else np.zeros_like(lung)])).float()
         sq = _to_square(masks, size, 0.0) >= 0.5
@@ -450,7 +454,9 @@ def load_image_pairs(pairs: Sequence[ImagePair], model: LoadedModel, window: Seq
         parts["labels"].append(torch.tensor(-1 if lesion is None else int(bool((sq[0] & sq[1]).any()))))
     notes = [f"2D slices read as HU = {window[0]:g} + gray / 255 * {window[1] - window[0]:g} (window {window[0]:g} "
              f"to {window[1]:g} HU), rotated {int(rotation) % 360} degrees; lung masks "
-             + ("from files" if all(p.lung for p in chosen) else "estimated from the image (lung_mask_2d)")]
+             + ("from files" if all(p.lung for p in chosen) else "estimated from the image (lung_mask_2d)")
+             + (f"; the lung's surroundings flattened beyond {model.flatten_beyond_mm:g} mm (pixel size taken as a "
+                "360 mm field of view over the image)" if model.flatten_beyond_mm is not None else "")]
     return EvalSlices(images=torch.stack(parts["images"]).contiguous(), lung=torch.stack(parts["lung"]),
                       lesion=torch.stack(parts["lesion"]), has_mask=torch.stack(parts["has_mask"]),
                       labels=torch.stack(parts["labels"]).long(), source=[p.name for p in chosen],

@@ -655,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
         "n_localizable": int(data.localizable.sum()),
         "n_labelled": int((data.labels >= 0).sum()),
         "model": {"bundle": str(model.bundle), "sha256": model.checksum, "size": model.size,
-                  "window": list(model.window)},
+                  "window": list(model.window), "flatten_beyond_mm": model.flatten_beyond_mm},
         "device": str(device),
         "classifier": classifier,
         "methods": methods,

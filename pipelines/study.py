@@ -195,7 +195,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         t["attribution"] = time.perf_counter() - t0
         return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t)
     t0 = time.perf_counter()
-    stack = extract_slices(ct, lung_t, spacing, size=model.size, context=model.context, window=model.window)
+    stack = extract_slices(ct, lung_t, spacing, **model.slice_kwargs)
     t["slices"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     probs = predict_slices(model.network, stack.images, batch_size=max(config.batch_size, 32), device=model.device)

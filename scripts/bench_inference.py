@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ct = load_ct(args.ct)
         lung = LungMask(backend="auto")(ct)
-        images = extract_slices(ct, lung, ct.pixdim.tolist(), size=model.size, context=model.context,
-                                window=model.window).images
+        images = extract_slices(ct, lung, ct.pixdim.tolist(), **model.slice_kwargs).images
         source = f"lung slices of {args.ct}"
     else:
         images = torch.rand(args.slices, 1 + 2 * model.context, model.size, model.size)

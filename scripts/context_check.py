@@ -7,8 +7,9 @@ beyond ``--margin-mm`` of the lung replaced by soft tissue (40 HU: abdomen, neck
 become uniform, the air around the body stays); and with everything beyond that margin replaced
 by soft tissue. A model that reads lesions from the lungs gives about the same scores; a model
 whose scores drop when the surroundings are flattened has taken something outside the lung for
-lesion (the model card reports this for the embedded model on real chest CT). Prints a table of
-the slices scored above ``--show`` in any variant, and the study probabilities.
+lesion (the model card reports this for the embedded model on real chest CT). The three inputs are
+made here, whatever the model's own ``flatten_beyond_mm`` (the second is what that setting gives).
+Prints a table of the slices scored above ``--show`` in any variant, and the study probabilities.
 """
 
 from __future__ import annotations
@@ -18,25 +19,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
-#: HU written where the surroundings are flattened (soft tissue)
-SOFT_TISSUE_HU = 40.0
+from monai_ext.transforms.slices import SOFT_TISSUE_HU, flatten_surroundings  # noqa: F401  (SOFT_TISSUE_HU: read by the tests)
+
 VARIANTS = ("as_is", "body_flattened", "all_flattened")
 
 
-def context_variants(hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float], margin_mm: float = 4.0,
-                     body_hu: float = -500.0) -> dict[str, np.ndarray]:
+def context_variants(hu: np.ndarray, lung: np.ndarray, spacing: Sequence[float], margin_mm: float = 4.0
+                     ) -> dict[str, np.ndarray]:
     """The three versions of a (X, Y, Z) HU volume: as is, the body beyond ``margin_mm`` (in-plane)
     of the lung set to soft tissue, and everything beyond the margin set to soft tissue."""
-    m = np.asarray(lung) > 0
-    near = ndi.distance_transform_edt(~m, sampling=(float(spacing[0]), float(spacing[1]), 1e6)) <= margin_mm
-    body = ndi.binary_fill_holes(hu > body_hu, structure=np.ones((3, 3, 1), bool)) | m
-    flat_body = hu.copy()
-    flat_body[body & ~near] = SOFT_TISSUE_HU
-    flat_all = hu.copy()
-    flat_all[~near] = SOFT_TISSUE_HU
-    return {"as_is": hu, "body_flattened": flat_body, "all_flattened": flat_all}
+    return {"as_is": hu,
+            "body_flattened": flatten_surroundings(hu, lung, spacing, margin_mm).numpy(),
+            "all_flattened": flatten_surroundings(hu, lung, spacing, margin_mm, keep_air=False).numpy()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         hu = ct[0].numpy()
         probs, stack = {}, None
         for name, vol in context_variants(hu, lung[0].numpy(), spacing, args.margin_mm).items():
-            stack = extract_slices(torch.from_numpy(np.ascontiguousarray(vol))[None], lung, spacing, size=model.size,
-                                   context=model.context, window=model.window)
+            kwargs = dict(model.slice_kwargs, flatten_beyond_mm=None)  # the variants are made above
+            stack = extract_slices(torch.from_numpy(np.ascontiguousarray(vol))[None], lung, spacing, **kwargs)
             probs[name] = predict_slices(model.network, stack.images, device=model.device).numpy()
         area = stack.lung_area.numpy().astype(float)
         share = area / max(area.max(), 1.0)

@@ -27,8 +27,7 @@ def _slice_probs_and_labels(model, path, lesion_path=None):
     ev = compute_evidence(Study("x", str(path)), PipelineConfig(method="density"), None)  # load + lung mask
     from monai_ext.transforms.slices import extract_slices
 
-    stack = extract_slices(ev.ct, torch.from_numpy(ev.lung)[None], ev.spacing, size=model.size,
-                           context=model.context, window=model.window)
+    stack = extract_slices(ev.ct, torch.from_numpy(ev.lung)[None], ev.spacing, **model.slice_kwargs)
     probs = predict_slices(model.network, stack.images)
     if lesion_path is None:
         return probs.numpy(), np.zeros(len(stack), int)
@@ -64,3 +63,20 @@ def test_slice_auc_on_semisynthetic_real_ct(model, real_semisynthetic, real_ct_p
     pos = les_p[les_y == 1]
     auc = slice_auc(np.concatenate([pos, clean_p]), np.concatenate([np.ones(len(pos)), clean_y]))
     assert auc >= 0.90, auc
+
+
+def test_predict_on_real_ct_clean_low_with_lesions_high(real_semisynthetic, real_ct_path, capsys):
+    """``ctseverity predict`` on the real chest CT: a low study probability without lesions, a high
+    one with 30 % inserted lesions (the input's surroundings flattened as model.json says)."""
+    from pipelines.cli import main
+
+    assert load_model().flatten_beyond_mm == 4.0
+    folder, _ = real_semisynthetic
+    rc = main(["-q", "predict", str(real_ct_path), str(folder / "real_002_f30.nii.gz"), "--lung-mask", "threshold"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("chest_ct_00", "real_"))}
+    assert set(rows) == {"chest_ct_00", "real_002_f30"}
+    clean, lesions = float(rows["chest_ct_00"][1]), float(rows["real_002_f30"][1])
+    assert clean < 0.5 and " ".join(rows["chest_ct_00"][3:]) == "no lesion", rows
+    assert lesions > 0.9 and rows["real_002_f30"][3] == "lesion", rows

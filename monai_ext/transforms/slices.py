@@ -27,10 +27,16 @@ __all__ = [
     "lung_box",
     "window_hu",
     "DEFAULT_WINDOW",
+    "SOFT_TISSUE_HU",
+    "lung_surroundings",
+    "flatten_surroundings",
+    "surroundings_to_flatten",
 ]
 
 #: HU window mapped to [0, 1]: lung parenchyma, ground glass, consolidation and soft tissue
 DEFAULT_WINDOW = (-1350.0, 150.0)
+#: soft tissue (HU), written where the lung's surroundings are flattened
+SOFT_TISSUE_HU = 40.0
 
 
 @dataclass
@@ -93,6 +99,58 @@ def lung_box(
     return x0, x1, y0, y1
 
 
+def lung_surroundings(lung: torch.Tensor | np.ndarray, spacing: Sequence[float], margin_mm: float) -> torch.Tensor:
+    """Per axial slice (last axis): the pixels within ``margin_mm`` (in-plane) of that slice's lung,
+    the lung included; all False in a slice without lung."""
+    from scipy import ndimage as ndi
+
+    if not margin_mm >= 0:
+        raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
+    m = _plain(lung).cpu().numpy() > 0
+    out = np.zeros(m.shape, dtype=bool)
+    for k in np.flatnonzero(m.any(axis=(0, 1))):
+        out[:, :, k] = ndi.distance_transform_edt(~m[:, :, k], sampling=(float(spacing[0]), float(spacing[1]))) \
+            <= margin_mm
+    return torch.from_numpy(out)
+
+
+def surroundings_to_flatten(volume: torch.Tensor | np.ndarray, lung: torch.Tensor | np.ndarray,
+                            spacing: Sequence[float], margin_mm: float, keep_air: bool = True,
+                            body_hu: float = -500.0) -> torch.Tensor:
+    """Per axial slice: the pixels farther than ``margin_mm`` (in-plane) from that slice's lung,
+    without the air around the body when ``keep_air`` (the body: pixels above ``body_hu`` with
+    their enclosed holes, and the lung). All False in a slice without lung."""
+    from scipy import ndimage as ndi
+
+    far = ~lung_surroundings(lung, spacing, margin_mm).numpy()
+    m = _plain(lung).cpu().numpy() > 0
+    far[:, :, ~m.any(axis=(0, 1))] = False
+    if keep_air:
+        vol = _plain(volume).cpu().numpy()
+        for k in np.flatnonzero(far.any(axis=(0, 1))):
+            body = ndi.binary_fill_holes(vol[:, :, k] > body_hu) | m[:, :, k]
+            far[:, :, k] &= body
+    return torch.from_numpy(far)
+
+
+def flatten_surroundings(volume: torch.Tensor | np.ndarray, lung: torch.Tensor | np.ndarray,
+                         spacing: Sequence[float], margin_mm: float, value: float = SOFT_TISSUE_HU,
+                         keep_air: bool = True) -> torch.Tensor:
+    """A copy of an (X, Y, Z) HU volume whose body farther than ``margin_mm`` (in-plane) from the
+    lung of its slice is set to ``value`` (default soft tissue, 40 HU); the air around the body stays
+    (``keep_air=False``: flatten it too).
+
+    The embedded model is trained on phantoms whose lungs are surrounded by nearly uniform organs;
+    real lung bases and apices are surrounded by fat, bowel with gas and stool, kidneys and neck
+    muscles, which it takes for lesion. Flattening the body around the lung at inference removes that
+    difference while keeping the lung, its border and the body outline (``scripts/context_check.py``
+    measures it).
+    """
+    vol = _plain(volume).float()
+    far = surroundings_to_flatten(vol, lung, spacing, margin_mm, keep_air).to(vol.device)
+    return torch.where(far, torch.tensor(float(value), device=vol.device), vol)
+
+
 def _crop(vol: torch.Tensor, box: tuple[int, int, int, int], fill: float) -> torch.Tensor:
     """Crop (X, Y, ...) to the box, padding with ``fill`` where the box leaves the volume."""
     x0, x1, y0, y1 = box
@@ -116,6 +174,8 @@ def extract_slices(
     margin_mm: float = 10.0,
     min_lung_fraction: float = 0.02,
     indices: torch.Tensor | Sequence[int] | None = None,
+    flatten_beyond_mm: float | None = None,
+    flatten_hu: float = SOFT_TISSUE_HU,
 ) -> SliceStack:
     """Classifier input for the lung slices of a study.
 
@@ -131,6 +191,11 @@ def extract_slices(
         min_lung_fraction: slices with less lung than this share of the largest slice's lung
             area are skipped.
         indices: axial indices to extract instead of the lung slices.
+        flatten_beyond_mm: if given, the body farther than this (in-plane) from the lung of its
+            own slice is set to ``flatten_hu`` before windowing: the classifier then sees the lung,
+            a rim around it and the body outline, and uniform soft tissue elsewhere in the body
+            (see :func:`flatten_surroundings`).
+        flatten_hu: the value written there.
 
     Returns:
         A :class:`SliceStack`.
@@ -154,6 +219,9 @@ def extract_slices(
     planes = (idx[:, None] + offsets[None, :]).clamp(0, Z - 1)  # (N, C)
     crop = _crop(vol, box, fill=-1024.0)  # (W, H, Z)
     sel = crop[:, :, planes.flatten()].float()  # (W, H, N*C)
+    if flatten_beyond_mm is not None and len(idx):
+        far = surroundings_to_flatten(sel, _crop(m, box, fill=0)[:, :, planes.flatten()], spacing, flatten_beyond_mm)
+        sel = torch.where(far.to(sel.device), torch.tensor(float(flatten_hu), device=sel.device), sel)
     sel = window_hu(sel, window).permute(2, 0, 1).reshape(len(idx), planes.shape[1], crop.shape[0], crop.shape[1])
     images = (
         F.interpolate(sel, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

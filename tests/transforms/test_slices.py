@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,42 @@ def test_empty_lung_is_an_error():
     vol, lung = _study()
     with pytest.raises(ValueError, match="empty"):
         extract_slices(vol, torch.zeros_like(lung), (1.0, 1.0, 2.0))
+
+
+def test_flattened_surroundings():
+    """With ``flatten_beyond_mm`` everything farther than the margin from its slice's lung is soft
+    tissue (40 HU) in the input; the lung and the rim around it are as without it."""
+    from scipy import ndimage as ndi
+
+    from monai_ext.data import synthetic_chest_ct
+    from monai_ext.transforms.slices import SOFT_TISSUE_HU, flatten_surroundings, lung_surroundings
+
+    ct = synthetic_chest_ct((96, 96, 24), (3.5, 3.5, 10.0), seed=2, noise_hu=0)
+    hu, lung, spc = torch.from_numpy(ct.image), torch.from_numpy(ct.lung_mask.astype(np.uint8)), ct.spacing
+    near = lung_surroundings(lung, spc, 7.0)
+    for k in range(lung.shape[2]):
+        if lung[:, :, k].any():
+            ref = ndi.distance_transform_edt(~lung[:, :, k].numpy().astype(bool), sampling=spc[:2]) <= 7.0
+            assert np.array_equal(near[:, :, k].numpy(), ref)
+        else:
+            assert not near[:, :, k].any()
+    lung_slices = lung.bool().any(dim=0).any(dim=0)
+    flat_all = flatten_surroundings(hu, lung, spc, 7.0, keep_air=False)
+    assert torch.equal(flat_all[near], hu[near]) and torch.equal(flat_all[:, :, ~lung_slices], hu[:, :, ~lung_slices])
+    assert bool((flat_all[:, :, lung_slices][~near[:, :, lung_slices]] == SOFT_TISSUE_HU).all())
+    flat = flatten_surroundings(hu, lung, spc, 7.0)  # the air around the body stays
+    body = torch.from_numpy(ct.masks["body"] > 0)
+    outside = ~body & ~near & lung_slices[None, None, :] & (hu < -900)  # air (the table is flattened too)
+    assert outside.sum() > 1000 and torch.equal(flat[outside], hu[outside])
+    far_body = body & ~near & lung_slices[None, None, :] & (hu > -900)
+    assert far_body.sum() > 1000 and bool((flat[far_body] == SOFT_TISSUE_HU).all())
+    assert torch.equal(flat[near], hu[near])
+    plain = extract_slices(hu, lung, spc, size=64)
+    flat_in = extract_slices(hu, lung, spc, size=64, flatten_beyond_mm=7.0)
+    direct = extract_slices(flat, lung, spc, size=64)
+    torch.testing.assert_close(flat_in.images, direct.images)
+    assert not torch.equal(plain.images, flat_in.images)
+    soft = float(window_hu(torch.tensor(SOFT_TISSUE_HU)))
+    assert float((flat_in.images - soft).abs().lt(1e-4).float().mean()) > 0.2  # a large uniform part
+    with pytest.raises(ValueError, match="margin_mm"):
+        lung_surroundings(lung, spc, -1.0)
