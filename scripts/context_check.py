@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from monai_ext.transforms.slices import SOFT_TISSUE_HU, flatten_surroundings  # noqa: F401  (SOFT_TISSUE_HU: read by the tests)
+from monai_ext.transforms.slices import flatten_surroundings
 
 VARIANTS = ("as_is", "body_flattened", "all_flattened")
 

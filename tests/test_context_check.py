@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from monai_ext.data import synthetic_chest_ct
+from monai_ext.transforms.slices import SOFT_TISSUE_HU
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "context_check.py"
 
@@ -35,11 +36,11 @@ def test_variants_flatten_only_beyond_the_margin(script):
         np.testing.assert_array_equal(v[name][near], hu[near])
     in_lung_slice = lung.any(axis=(0, 1))[None, None, :]  # slices without lung stay as they are
     np.testing.assert_array_equal(v["all_flattened"][:, :, ~in_lung_slice[0, 0]], hu[:, :, ~in_lung_slice[0, 0]])
-    assert (v["all_flattened"][~near & in_lung_slice] == script.SOFT_TISSUE_HU).all()
+    assert (v["all_flattened"][~near & in_lung_slice] == SOFT_TISSUE_HU).all()
     body = ct.masks["body"] > 0
     # (the phantom's body mask runs past the reconstruction circle: only the imaged body)
     far_body = body & ~near & (hu > -900) & in_lung_slice
-    assert far_body.sum() > 1000 and (v["body_flattened"][far_body] == script.SOFT_TISSUE_HU).all()
+    assert far_body.sum() > 1000 and (v["body_flattened"][far_body] == SOFT_TISSUE_HU).all()
     air = (hu < -900) & ~near & ~body & in_lung_slice  # the air around the body is kept
     assert air.sum() > 1000 and (v["body_flattened"][air] == hu[air]).all()
 

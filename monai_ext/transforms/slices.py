@@ -220,8 +220,10 @@ def extract_slices(
     crop = _crop(vol, box, fill=-1024.0)  # (W, H, Z)
     sel = crop[:, :, planes.flatten()].float()  # (W, H, N*C)
     if flatten_beyond_mm is not None and len(idx):
-        far = surroundings_to_flatten(sel, _crop(m, box, fill=0)[:, :, planes.flatten()], spacing, flatten_beyond_mm)
-        sel = torch.where(far.to(sel.device), torch.tensor(float(flatten_hu), device=sel.device), sel)
+        # once per distinct plane (with 2.5D context, neighbouring slices share planes)
+        uniq, inverse = torch.unique(planes.flatten(), return_inverse=True)
+        far = surroundings_to_flatten(crop[:, :, uniq], _crop(m, box, fill=0)[:, :, uniq], spacing, flatten_beyond_mm)
+        sel = torch.where(far[:, :, inverse].to(sel.device), torch.tensor(float(flatten_hu), device=sel.device), sel)
     sel = window_hu(sel, window).permute(2, 0, 1).reshape(len(idx), planes.shape[1], crop.shape[0], crop.shape[1])
     images = (
         F.interpolate(sel, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -103,6 +103,9 @@ def test_flattened_surroundings():
     flat_in = extract_slices(hu, lung, spc, size=64, flatten_beyond_mm=7.0)
     direct = extract_slices(flat, lung, spc, size=64)
     torch.testing.assert_close(flat_in.images, direct.images)
+    # 2.5D: each neighbour plane flattened by its own lung, as in the flattened volume
+    torch.testing.assert_close(extract_slices(hu, lung, spc, size=64, context=1, flatten_beyond_mm=7.0).images,
+                               extract_slices(flat, lung, spc, size=64, context=1).images)
     assert not torch.equal(plain.images, flat_in.images)
     soft = float(window_hu(torch.tensor(SOFT_TISSUE_HU)))
     assert float((flat_in.images - soft).abs().lt(1e-4).float().mean()) > 0.2  # a large uniform part
