@@ -47,6 +47,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
 from monai_ext.errors import CTSeverityError, NoLungFoundError
+from monai_ext.transforms.organs import organ_intrusion_canonical
 
 __all__ = [
     "BACKENDS",
@@ -68,7 +69,7 @@ __all__ = [
 
 logger = logging.getLogger("monai_ext.transforms")
 
-BACKENDS = ("auto", "lungmask", "threshold")
+BACKENDS = ("auto", "lungmask", "unet", "threshold")
 RIGHT_LUNG = 1  # lungmask R231 convention
 LEFT_LUNG = 2
 LUNGMASK_WEIGHTS_ENV = "CTSEVERITY_LUNGMASK_WEIGHTS"
@@ -85,6 +86,7 @@ THRESHOLD_PARAMETERS = (
     "working_mm",
     "closing_mm",
     "fill_lesions",
+    "remove_organs",
 )
 
 # ITK index order with identity direction: x towards the patient's left, y posterior, z superior.
@@ -156,39 +158,54 @@ def find_lungmask_weights(weights_path: str | os.PathLike | None = None) -> Path
     return None
 
 
-def resolve_backend(backend: str = "auto", weights_path: str | os.PathLike | None = None) -> tuple[str, Path | None]:
+def resolve_backend(backend: str = "auto", weights_path: str | os.PathLike | None = None,
+                    net_path: str | os.PathLike | None = None) -> tuple[str, Path | None]:
     """Decide which backend runs and with which weights.
 
-    ``auto`` picks ``lungmask`` when the weights are on disk and otherwise ``threshold``, logging one
-    warning per process (logger ``monai_ext.transforms``) the first time it falls back.
+    ``auto`` picks ``lungmask`` when the R231 weights are on disk, else ``unet`` when the project's
+    lung U-Net weights are found (``net_path``, ``$CTSEVERITY_LUNG_NET`` or the default registered by
+    the ``pipelines`` package: the bundle's ``models/lung_net.pt``), else ``threshold``, logging one
+    warning per process (logger ``monai_ext.transforms``) the first time it falls back that far.
 
     Args:
-        backend: ``"auto"``, ``"lungmask"`` or ``"threshold"``.
-        weights_path: an explicit weights file for ``lungmask``/``auto``.
+        backend: ``"auto"``, ``"lungmask"``, ``"unet"`` or ``"threshold"``.
+        weights_path: an explicit lungmask R231 weights file for ``lungmask``/``auto``.
+        net_path: an explicit lung U-Net weights file (``lung_net.pt``) for ``unet``/``auto``.
 
     Returns:
-        ``(backend, weights)``: the backend that runs and, for ``lungmask``, the weights file.
+        ``(backend, weights)``: the backend that runs and its weights file (``None`` for threshold).
 
     Raises:
         ValueError: if ``backend`` is not one of :data:`BACKENDS`.
         LungMaskWeightsError: if ``lungmask`` is asked for and no weights are on disk, or an
             explicit ``weights_path`` does not exist.
+        LungNetWeightsError: if ``unet`` is asked for and no weights are found, or an explicit
+            ``net_path`` does not exist.
     """
+    from monai_ext.transforms.lung_net import LungNetWeightsError, find_lung_net
+
     global _fallback_warned
     if backend not in BACKENDS:
         raise ValueError(f"unknown lung mask backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "threshold":
         return "threshold", None
-    weights = find_lungmask_weights(weights_path)
-    if weights is not None:
-        return "lungmask", weights
-    if backend == "lungmask":
-        raise LungMaskWeightsError(_missing_weights_message(default_lungmask_weights_locations()))
+    if backend in ("lungmask", "auto"):
+        weights = find_lungmask_weights(weights_path)
+        if weights is not None:
+            return "lungmask", weights
+        if backend == "lungmask":
+            raise LungMaskWeightsError(_missing_weights_message(default_lungmask_weights_locations()))
+    net = find_lung_net(net_path)
+    if net is not None:
+        return "unet", net
+    if backend == "unet":
+        raise LungNetWeightsError("the unet backend needs the lung U-Net weights (lung_net.pt with lung_net.json "
+                                  "beside it): pass them, set CTSEVERITY_LUNG_NET, or use the ct-severity bundle")
     if not _fallback_warned:
         _fallback_warned = True
         logger.warning(
-            "lungmask weights not found (set %s or put %s in the torch hub cache); using the threshold "
-            "lung mask instead",
+            "no lung network weights found (lungmask R231: set %s or put %s in the torch hub cache; the project's "
+            "lung U-Net: set CTSEVERITY_LUNG_NET); using the threshold lung mask instead",
             LUNGMASK_WEIGHTS_ENV,
             LUNGMASK_R231_FILENAME,
         )
@@ -242,6 +259,7 @@ def lung_mask(
     affine: np.ndarray | None = None,
     backend: str = "auto",
     weights_path: str | os.PathLike | None = None,
+    net_path: str | os.PathLike | None = None,
     split_lr: bool = False,
     name: object | None = None,
     device: str | None = None,
@@ -255,10 +273,13 @@ def lung_mask(
         spacing: voxel size in mm along the three array axes.
         affine: 4x4 RAS affine of the array (MONAI convention) giving the patient orientation of the
             axes; ``None`` means ITK's identity direction (x left, y posterior, z superior).
-        backend: ``"auto"`` (lungmask when its weights are on disk, else threshold with one logged
-            warning), ``"lungmask"`` or ``"threshold"``.
+        backend: ``"auto"`` (lungmask when its weights are on disk, else the project's lung U-Net
+            when its weights are found, else threshold with one logged warning), ``"lungmask"``,
+            ``"unet"`` (:mod:`monai_ext.transforms.lung_net`) or ``"threshold"``.
         weights_path: lungmask R231 weights file; else ``$CTSEVERITY_LUNGMASK_WEIGHTS``, else the
             torch hub cache.
+        net_path: the project's lung U-Net weights (``lung_net.pt``); else ``$CTSEVERITY_LUNG_NET``,
+            else the registered default (the bundle's).
         split_lr: label the right lung 1 and the left lung 2 (lungmask's convention) instead of both 1.
         name: what to call the input in error messages (a file name).
         device: torch device for the U-Net (``None``: CUDA when available).
@@ -278,7 +299,12 @@ def lung_mask(
         >>> mask = lung_mask(ct_xyz, (0.98, 0.98, 2.0), backend="threshold", split_lr=True)  # doctest: +SKIP
     """
     check_threshold_kwargs(threshold_kwargs)
-    chosen, weights = resolve_backend(backend, weights_path)
+    chosen, weights = resolve_backend(backend, weights_path, net_path)
+    if chosen == "unet":
+        from monai_ext.transforms.lung_net import net_lung_mask
+
+        return net_lung_mask(volume_xyz, spacing, affine=affine, weights_path=weights, split_lr=split_lr, name=name,
+                             device=device, min_lung_ml=float(threshold_kwargs.get("min_lung_ml", 100.0)))
     if chosen == "lungmask":
         return unet_lung_mask(
             volume_xyz,
@@ -325,6 +351,7 @@ def threshold_lung_mask(
     working_mm: float = 2.0,
     closing_mm: float = 3.0,
     fill_lesions: bool = True,
+    remove_organs: bool = True,
 ) -> np.ndarray:
     """Classical 3D lung mask by thresholding (no weights needed).
 
@@ -373,6 +400,11 @@ def threshold_lung_mask(
         closing_mm: radius of the per-slice closing of each lung (0 disables it).
         fill_lesions: add ground glass and consolidation that the air threshold leaves out (see
             above); ``False`` gives the plain air-based mask.
+        remove_organs: take out the tissue that rises from the abdomen into the lung bases (liver and
+            spleen domes, the diaphragm, the heart on it, with their partial-volume rims; see
+            :func:`monai_ext.transforms.organs.organ_intrusion`), which slice-wise hole filling takes
+            in. It also takes out consolidation lying directly on the diaphragm with no aerated
+            lung below it.
 
     Returns:
         ``uint8`` array of the input's shape: 0 background, 1 lung (or 1 right, 2 left).
@@ -399,6 +431,7 @@ def threshold_lung_mask(
         working_mm=working_mm,
         closing_mm=closing_mm,
         fill_lesions=bool(fill_lesions),
+        remove_organs=bool(remove_organs),
     )
     labels = _threshold_canonical(canon, cspacing, params, name)
     if not split_lr:
@@ -616,6 +649,11 @@ def _threshold_canonical(
         region[sub & (region == 0)] = value
     if trachea is not None:  # the closing and filling must not bring the trachea back
         _clear_upsampled(labels, trachea, factors)
+    for _ in range(3) if p.remove_organs else ():  # removing a whole lowest slice moves the columns' start up
+        organ = organ_intrusion_canonical(volume, labels > 0, spacing)
+        if not organ.any():
+            break
+        labels[organ] = 0
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
     total_ml = float(np.count_nonzero(labels)) * voxel_ml
