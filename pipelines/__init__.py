@@ -6,10 +6,24 @@ dask and GPU specifics live here; :mod:`monai_ext` stays importable without them
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 try:
     __version__ = version("ct-severity")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "EMBEDDED_LUNG_NET"]
+
+#: the project's lung U-Net shipped in the embedded bundle: the library's default for the ``unet``
+#: lung mask backend (``auto`` uses it when the lungmask R231 weights are not on disk)
+EMBEDDED_LUNG_NET = Path(__file__).resolve().parents[1] / "bundles" / "ct_severity" / "models" / "lung_net.pt"
+
+
+def _register_lung_net() -> None:
+    from monai_ext.transforms.lung_net import register_default_lung_net
+
+    register_default_lung_net(EMBEDDED_LUNG_NET)
+
+
+_register_lung_net()

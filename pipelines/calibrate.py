@@ -1,7 +1,8 @@
-"""``ctseverity calibrate``: fit the heatmap threshold, minimum lesion volume and lesion rule.
+"""``ctseverity calibrate``: fit the heatmap threshold, minimum lesion volume, lesion rule and density delta.
 
 Studies with known lesion percentages (or grades) are run once up to the study-normalized
-heatmap; then every combination of lesion rule, threshold and minimum lesion volume is scored by
+heatmap; then every combination of lesion rule, threshold, minimum lesion volume and (for the
+relative density rule and the density method) the rise above the study's normal lung level is scored by
 how well it reproduces the known loads: mean absolute error of the lesion percent where percents
 are known, else the share of wrong grades. The best values are written into the bundle's
 ``models/model.json`` under ``calibration.methods.<method>``, which ``ctseverity run`` uses.
@@ -23,17 +24,20 @@ from tqdm.auto import tqdm
 from monai_ext.data.studies import grade_from_percent
 from monai_ext.errors import CTSeverityError, InputNotFoundError
 from monai_ext.io import atomic_write_text
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.bundle import bundle_path, copy_bundle, load_model
 from pipelines.discovery import find_studies
 from pipelines.report import read_truth
-from pipelines.severity import LESION_RULES, abnormal_attenuation
+from pipelines.severity import LESION_RULES, abnormal_attenuation, normal_lung_level, relative_attenuation
 from pipelines.study import PipelineConfig, compute_evidence, resolve_calibration
 
 __all__ = ["CalibrationFit", "fit_calibration", "write_calibration", "register", "run_calibrate",
-           "THRESHOLDS", "MIN_VOLUMES"]
+           "THRESHOLDS", "MIN_VOLUMES", "DELTAS"]
 
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+#: rises above the normal lung level tried for the relative density rule (HU)
+DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class CalibrationFit:
     min_lesion_ml: float
     lesion_rule: str
     slice_gate: float
+    density_delta_hu: float | None
     mae_percent: float
     grade_accuracy: float
     n_studies: int
@@ -55,6 +60,8 @@ class CalibrationFit:
         vals = {"min_lesion_ml": self.min_lesion_ml, "lesion_rule": self.lesion_rule, "slice_gate": self.slice_gate}
         if self.threshold is not None:
             vals["threshold"] = self.threshold
+        if self.density_delta_hu is not None:
+            vals["density_delta_hu"] = self.density_delta_hu
         return vals
 
 
@@ -77,14 +84,15 @@ def _score(pred_pct: np.ndarray, truth: list[dict]) -> tuple[float, float, float
 
 def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slice_gate: float,
                     thresholds: Sequence[float] = THRESHOLDS, min_volumes: Sequence[float] = MIN_VOLUMES,
-                    rules: Sequence[str] = LESION_RULES) -> CalibrationFit:
-    """Grid search over lesion rule x threshold x minimum lesion volume.
+                    rules: Sequence[str] = LESION_RULES, deltas: Sequence[float] = DELTAS) -> CalibrationFit:
+    """Grid search over lesion rule x threshold x minimum lesion volume (x density delta).
 
     Args:
         evidence: per study, a :class:`pipelines.study.Evidence`.
         truth: per study, ``{"lesion_percent", "grade"}``.
-        method: the attribution method (``density`` has no threshold).
+        method: the attribution method (``density`` has no threshold, only the delta).
         slice_gate: the slice gate the evidence was computed with (recorded).
+        thresholds, min_volumes, rules, deltas: the grid.
 
     Returns:
         The best :class:`CalibrationFit`, with the best fit of each rule in ``per_rule``.
@@ -94,35 +102,42 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     n = len(evidence)
     lung_vox = np.array([float(ev.lung.sum()) for ev in evidence])
     voxel_ml = np.array([float(np.prod(ev.spacing)) / 1000.0 for ev in evidence])
+    levels = [normal_lung_level(ev.hu, ev.lung, ev.spacing) for ev in evidence] \
+        if any(r in ("density", "heatmap-relative") for r in rules) else []
     best_by_rule: dict[str, tuple] = {}
     for rule in rules:
-        dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing) if rule == "heatmap-density" else None
-                for ev in evidence] if rule != "density" else [ev.heat > 0 for ev in evidence]
-        for thr in thresholds:
-            sizes = []
-            for i, ev in enumerate(evidence):
-                if rule == "density":
-                    m = dens[i]
-                else:
-                    m = (ev.heat >= thr) & (ev.heat > 0) & ev.lung
-                    if rule == "heatmap-density":
-                        m &= dens[i]
-                sizes.append(_component_sizes(m))
-            for vmin in min_volumes:
-                pct = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i] for i, s in enumerate(sizes)])
-                obj, mae, acc = _score(pct, list(truth))
-                cand = (obj, -acc, thr, vmin, mae, acc, pct)
-                if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
-                    best_by_rule[rule] = cand
+        for delta in (deltas if rule in ("density", "heatmap-relative") else (None,)):
+            if rule == "heatmap-density":
+                dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing) for ev in evidence]
+            elif delta is not None:
+                dens = [relative_attenuation(ev.hu, ev.lung, ev.spacing, delta, level=levels[i])
+                        for i, ev in enumerate(evidence)]
+            else:
+                dens = [None] * n
+            for thr in thresholds:
+                sizes = []
+                for i, ev in enumerate(evidence):
+                    m = dens[i] if rule == "density" else (ev.heat >= thr) & (ev.heat > 0) & ev.lung
+                    if rule in ("heatmap-density", "heatmap-relative"):
+                        m = m & dens[i]
+                    sizes.append(_component_sizes(m))
+                for vmin in min_volumes:
+                    pct = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i]
+                                    for i, s in enumerate(sizes)])
+                    obj, mae, acc = _score(pct, list(truth))
+                    cand = (obj, -acc, thr, vmin, mae, acc, pct, delta)
+                    if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
+                        best_by_rule[rule] = cand
     best_rule = min(best_by_rule, key=lambda r: best_by_rule[r][:2])
-    obj, _, thr, vmin, mae, acc, pct = best_by_rule[best_rule]
+    obj, _, thr, vmin, mae, acc, pct, delta = best_by_rule[best_rule]
     per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "mae_percent": round(v[4], 3),
-                    "grade_accuracy": round(v[5], 3)} for r, v in best_by_rule.items()}
+                    "grade_accuracy": round(v[5], 3), **({"density_delta_hu": v[7]} if v[7] is not None else {})}
+                for r, v in best_by_rule.items()}
     per_study = [{"lesion_percent": round(float(p), 3), "grade": grade_from_percent(min(100.0, float(p))),
                   "truth_percent": t["lesion_percent"], "truth_grade": t["grade"]} for p, t in zip(pct, truth)]
     return CalibrationFit(method, None if thr is None else float(thr), float(vmin),
-                          "heatmap-density" if best_rule == "density" else best_rule, float(slice_gate),
-                          float(mae), float(acc), n, per_rule, per_study)
+                          "heatmap-relative" if best_rule == "density" else best_rule, float(slice_gate),
+                          None if delta is None else float(delta), float(mae), float(acc), n, per_rule, per_study)
 
 
 def write_calibration(bundle: str | os.PathLike, fit: CalibrationFit, data_note: str = "") -> Path:
@@ -157,14 +172,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     evidence = [compute_evidence(s, config, model, gate)
                 for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
     fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate)
-    rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"], v["mae_percent"],
-             v["grade_accuracy"]] for r, v in fit.per_rule.items()]
-    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "mae_percent", "grade_accuracy"], rows))
+    rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"],
+             v.get("density_delta_hu", "-"), v["mae_percent"], v["grade_accuracy"]] for r, v in fit.per_rule.items()]
+    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "density_delta_hu", "mae_percent",
+                        "grade_accuracy"], rows))
     print()
     print(format_table(["study", "lesion_percent", "grade", "truth_percent", "truth_grade"],
                        [[s.study, d["lesion_percent"], d["grade"], d["truth_percent"], d["truth_grade"]]
                         for s, d in zip(studies, fit.per_study)]))
-    print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml "
+    delta = "" if fit.density_delta_hu is None else f", density delta {fit.density_delta_hu:g} HU"
+    print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml{delta} "
           f"(MAE {fit.mae_percent:.2f} points, grade accuracy {fit.grade_accuracy:.2f}, {fit.n_studies} studies)")
     if args.dry_run:
         return 0
@@ -186,7 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", help="bundle to calibrate (default: the embedded bundle)")
     p.add_argument("--out", help="write a calibrated copy of the bundle here instead of updating it in place")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"])
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing it")
     p.set_defaults(func=run_calibrate)

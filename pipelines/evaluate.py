@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from monai_ext.io import atomic_path, atomic_write_text
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.eval_slices import DEFAULT_IMAGE_ROTATION, DEFAULT_IMAGE_WINDOW, EvalSlices
 from pipelines.methods import METHODS, parse_params
 
@@ -730,7 +731,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, metavar="N",
                    help="slices per attribution and metric batch (default 8)")
     p.add_argument("--examples", type=int, default=4, metavar="N", help="slices in each example figure (default 4)")
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"],
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS,
                    help="lung mask of studies without a <study>_lung mask file")
     p.add_argument("--image-window", dest="image_window", type=_window,
                    default=DEFAULT_IMAGE_WINDOW, metavar="LO,HI",

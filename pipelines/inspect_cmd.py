@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from monai_ext.io import load_ct
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.discovery import find_studies
 from pipelines.predict import format_table
 
@@ -43,5 +44,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "that it is a CT volume in HU, and print its grid and intensity range.")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--lung", action="store_true", help="also segment the lungs and print their volume")
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"])
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.set_defaults(func=run_inspect)

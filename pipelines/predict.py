@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from monai_ext.errors import CTSeverityError
 from monai_ext.io import atomic_write_text
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.bundle import load_model
 from pipelines.classify import classify_study
 from pipelines.discovery import find_studies
@@ -83,5 +84,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", help="bundle folder (default: the embedded bundle)")
     p.add_argument("--slices", action="store_true", help="also print one row per slice")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"])
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.set_defaults(func=run_predict)

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.methods import METHODS
 from pipelines.severity import LESION_RULES
 
@@ -92,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         lesion_rule=getattr(args, "lesion_rule", None),
         threshold=getattr(args, "threshold", None),
         min_lesion_ml=getattr(args, "min_lesion_ml", None),
+        density_delta_hu=getattr(args, "density_delta_hu", None),
         batch_size=getattr(args, "batch_size", None) or 16,
     ).validate()
 
@@ -174,17 +176,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="study file, DICOM series folder, folder of studies (recursive), or CSV manifest")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_run_options(p)
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"],
-                   help="lung mask: the lungmask U-Net when its weights are found (auto), or the HU threshold")
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS,
+                   help="lung mask: auto = the lungmask R231 U-Net when its weights are on disk, else the bundle's "
+                        "own lung U-Net (unet), else the HU threshold")
     p.add_argument("--lung-weights", dest="lung_weights", metavar="PATH", help="lungmask U-Net weights file")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask scheduler (tcp://host:8786)")
     p.add_argument("--truth", metavar="CSV",
                    help="known lesion_percent and/or grade per study, for the report's agreement figures")
     p.add_argument("--lesion-rule", dest="lesion_rule", choices=LESION_RULES,
-                   help="heatmap region alone, or intersected with abnormal attenuation (default: the bundle's)")
+                   help="heatmap region alone, or intersected with abnormal attenuation: absolute (heatmap-density) "
+                        "or relative to the study's normal lung (heatmap-relative) (default: the bundle's)")
     p.add_argument("--threshold", type=float, metavar="T", help="heatmap threshold in [0, 1] (default: the bundle's)")
     p.add_argument("--min-lesion-ml", dest="min_lesion_ml", type=float, metavar="V",
                    help="smallest lesion component kept, in ml (default: the bundle's)")
+    p.add_argument("--density-delta", dest="density_delta_hu", type=float, metavar="HU",
+                   help="rise above the study's normal lung level counted as abnormal, for heatmap-relative and "
+                        "--method density (default: the bundle's)")
     p.add_argument("--param", action="append", default=None, metavar="METHOD.KEY=VALUE",
                    help="attributor parameter for --method (repeatable; JSON values), e.g. "
                         "iba.autocast_dtype=bfloat16 or igospp.iterations=5")

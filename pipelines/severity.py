@@ -3,11 +3,15 @@
 Two kinds of evidence turn into a lesion mask:
 
 - a heatmap from an attribution method, normalized jointly over the study and thresholded
-  (rule ``heatmap``, as in the IBA paper), optionally intersected with abnormal attenuation
-  (rule ``heatmap-density``);
-- abnormal attenuation alone (method ``density``), the classical quantitative-CT baseline: lung
-  voxels between about -750 and +100 HU, vessels removed by a morphological opening (vessels are
-  thin tubes; ground-glass opacities and consolidations are blobs).
+  (rule ``heatmap``, as in the IBA paper), optionally intersected with abnormal attenuation:
+  absolute (rule ``heatmap-density``: -750..+100 HU) or relative to the study's own normal lung
+  (rule ``heatmap-relative``: at least ``density_delta_hu`` above the level of the study's aerated
+  lung, on the CT smoothed over 1 mm, so that neither the scanner's HU calibration, the breathing
+  level nor the kernel's noise moves the boundary);
+- abnormal attenuation alone (method ``density``), the classical quantitative-CT baseline, with
+  the relative rule: lung voxels ``density_delta_hu`` above the study's normal lung level, vessels
+  removed by a morphological opening (vessels are thin tubes; ground-glass opacities and
+  consolidations are blobs).
 
 In every case components smaller than a minimum volume are removed; the lesion share is lesion
 voxels over lung voxels, and the grade follows the MosMedData table (see ../shared/DESIGN.md).
@@ -28,7 +32,10 @@ from monai_ext.data.studies import grade_from_percent
 __all__ = [
     "LESION_RULES",
     "DENSITY_HU",
+    "DEFAULT_DELTA_HU",
     "abnormal_attenuation",
+    "normal_lung_level",
+    "relative_attenuation",
     "lesion_mask_from_heatmap",
     "remove_small_components",
     "lesion_components",
@@ -37,9 +44,11 @@ __all__ = [
     "grade_from_percent",
 ]
 
-LESION_RULES = ("heatmap", "heatmap-density")
+LESION_RULES = ("heatmap", "heatmap-density", "heatmap-relative")
 #: attenuation of ground glass (about -750..-300 HU) up to consolidation (about -100..+60 HU)
 DENSITY_HU = (-750.0, 100.0)
+#: default rise above the study's normal lung level that counts as abnormal (relative rule)
+DEFAULT_DELTA_HU = 200.0
 
 
 def _np(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -81,6 +90,81 @@ def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch
     return dense & m
 
 
+def _lung_box(m: np.ndarray, margin: int = 2) -> tuple[slice, ...]:
+    idx = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+    return tuple(slice(max(0, int(i[0]) - margin), min(n, int(i[-1]) + 1 + margin)) for i, n in zip(idx, m.shape))
+
+
+def _smoothed(img: np.ndarray, spacing: Sequence[float], smooth_mm: float) -> np.ndarray:
+    img = img.astype(np.float32)
+    if smooth_mm <= 0:
+        return img
+    sigma = [smooth_mm / float(s) for s in spacing[:2]] + [min(smooth_mm / float(spacing[2]), 0.5)]
+    return ndi.gaussian_filter(img, sigma, mode="nearest")
+
+
+def normal_lung_level(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                      smooth_mm: float = 1.0, fallback_hu: float = -850.0) -> float:
+    """The study's normal aerated lung level: the mode of the lung's HU histogram below -600 HU, on
+    the CT smoothed over ``smooth_mm``.
+
+    The mode follows the bulk of aerated lung whatever the scanner's calibration, the breathing
+    level or the kernel; lesions, vessels and dependent density sit above it and do not move it
+    while some aerated lung is left (at least 2 % of the lung below -600 HU, else
+    ``fallback_hu``).
+
+    Returns:
+        The level in HU.
+    """
+    img, m = _np(ct), _np(lung) > 0
+    if not m.any():
+        return float(fallback_hu)
+    box = _lung_box(m)
+    sm = _smoothed(img[box], spacing, smooth_mm)[m[box]]
+    low = sm[(sm < -600.0) & (sm > -1100.0)]
+    if low.size < max(50, 0.02 * sm.size):
+        return float(fallback_hu)
+    hist, edges = np.histogram(low, bins=np.arange(-1100.0, -595.0, 5.0))
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
+    k = int(np.argmax(hist))
+    return float(0.5 * (edges[k] + edges[k + 1]))
+
+
+def relative_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                         delta_hu: float = DEFAULT_DELTA_HU, max_hu: float = DENSITY_HU[1], smooth_mm: float = 1.0,
+                         vessel_radius_mm: float = 2.0, level: float | None = None) -> np.ndarray:
+    """Lung voxels at least ``delta_hu`` above the study's normal lung level (boolean, same grid).
+
+    Args:
+        ct: CT in HU, (X, Y, Z) or (1, X, Y, Z).
+        lung: lung mask on the same grid.
+        spacing: voxel size in mm.
+        delta_hu: rise above the normal lung level that counts as abnormal (ground glass lies about
+            200-500 HU above aerated lung, consolidation 800 and more).
+        max_hu: voxels above this (bone, contrast-filled vessels, calcium) never count.
+        smooth_mm: Gaussian sigma of the smoothing before the threshold (in-plane; at most half a
+            slice in z): it takes the kernel's noise out.
+        vessel_radius_mm: as in :func:`abnormal_attenuation`.
+        level: the normal lung level, if already known (:func:`normal_lung_level`).
+
+    Returns:
+        Boolean mask of abnormal lung parenchyma.
+    """
+    img, m = _np(ct), _np(lung) > 0
+    out = np.zeros(m.shape, dtype=bool)
+    if not m.any():
+        return out
+    lvl = normal_lung_level(img, m, spacing, smooth_mm) if level is None else float(level)
+    box = _lung_box(m)
+    sm = _smoothed(img[box], spacing, smooth_mm)
+    dense = m[box] & (sm >= lvl + float(delta_hu)) & (sm <= max_hu)
+    if vessel_radius_mm > 0:
+        disc = _ball(vessel_radius_mm, spacing[:2])[:, :, None]
+        dense = ndi.binary_opening(dense, structure=disc)
+    out[box] = dense & m[box]
+    return out
+
+
 def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volume_ml: float) -> np.ndarray:
     """Drop 26-connected components smaller than ``min_volume_ml``."""
     mask = np.asarray(mask, dtype=bool)
@@ -97,30 +181,37 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_volu
 def lesion_mask_from_heatmap(heat: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, threshold: float,
                              rule: str = "heatmap", ct: np.ndarray | torch.Tensor | None = None,
                              spacing: Sequence[float] = (1.0, 1.0, 1.0), min_volume_ml: float = 0.0,
-                             density_hu: Sequence[float] = DENSITY_HU) -> np.ndarray:
+                             density_hu: Sequence[float] = DENSITY_HU,
+                             density_delta_hu: float = DEFAULT_DELTA_HU) -> np.ndarray:
     """Lesion mask from a study-normalized heatmap in [0, 1].
 
     Args:
         heat: heatmap on the CT grid, normalized jointly over the study (``normalize_study``).
         lung: lung mask.
         threshold: heatmap level above which a lung voxel is lesion.
-        rule: ``"heatmap"`` (the heatmap region alone) or ``"heatmap-density"`` (intersected with
-            abnormal attenuation; needs ``ct``).
+        rule: ``"heatmap"`` (the heatmap region alone), ``"heatmap-density"`` (intersected with
+            absolute abnormal attenuation; needs ``ct``) or ``"heatmap-relative"`` (intersected
+            with attenuation ``density_delta_hu`` above the study's normal lung; needs ``ct``).
         ct: CT in HU, for ``heatmap-density``.
         spacing: voxel size in mm.
         min_volume_ml: components below this volume are removed.
+        density_hu: the absolute range of ``heatmap-density``.
+        density_delta_hu: the rise of ``heatmap-relative``.
 
     Raises:
-        ValueError: unknown rule, or ``heatmap-density`` without the CT.
+        ValueError: unknown rule, or a density rule without the CT.
     """
     if rule not in LESION_RULES:
         raise ValueError(f"lesion rule must be one of {', '.join(LESION_RULES)}, got {rule!r}")
     h, m = _np(heat), _np(lung) > 0
     lesion = (h >= threshold) & m & (h > 0)
-    if rule == "heatmap-density":
+    if rule in ("heatmap-density", "heatmap-relative"):
         if ct is None:
-            raise ValueError("the heatmap-density rule needs the CT")
-        lesion &= abnormal_attenuation(ct, m, spacing, density_hu)
+            raise ValueError(f"the {rule} rule needs the CT")
+        if rule == "heatmap-density":
+            lesion &= abnormal_attenuation(ct, m, spacing, density_hu)
+        else:
+            lesion &= relative_attenuation(ct, m, spacing, density_delta_hu)
     return remove_small_components(lesion, spacing, min_volume_ml)
 
 

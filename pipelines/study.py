@@ -26,14 +26,16 @@ import torch
 from monai_ext.attribution import normalize_study
 from monai_ext.io import atomic_write_text, load_ct, write_like
 from monai_ext.transforms import LungMask
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines import __version__
 from pipelines.bundle import LoadedModel, predict_slices, study_probability
 from pipelines.discovery import Study
 from pipelines.methods import METHODS, make_attributor
 from pipelines.severity import (
+    DEFAULT_DELTA_HU,
     LESION_RULES,
-    abnormal_attenuation,
     lesion_mask_from_heatmap,
+    relative_attenuation,
     remove_small_components,
     severity,
 )
@@ -42,7 +44,8 @@ __all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complet
            "compute_evidence", "lesion_mask"]
 
 #: used when a bundle carries no calibration
-DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-density", "slice_gate": 0.5}
+DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-relative", "slice_gate": 0.5,
+                       "density_delta_hu": DEFAULT_DELTA_HU}
 
 
 @dataclass
@@ -53,12 +56,14 @@ class PipelineConfig:
         method: attribution method (``iba``, ``hirescam``, ``gradcam``, ``igospp``, ``lrp``) or
             ``density`` (abnormal attenuation, no classifier).
         bundle: bundle folder (``None``: the embedded bundle).
-        lung_mask: lung mask backend (``auto``, ``lungmask``, ``threshold``).
+        lung_mask: lung mask backend (``auto``, ``lungmask``, ``unet``, ``threshold``).
         lung_weights: lungmask U-Net weights file.
         device: torch device.
-        lesion_rule: ``heatmap`` or ``heatmap-density``.
+        lesion_rule: ``heatmap``, ``heatmap-density`` or ``heatmap-relative``.
         threshold: heatmap threshold on the study-normalized map.
         min_lesion_ml: smallest lesion component kept.
+        density_delta_hu: rise above the study's normal lung level counted as abnormal (rule
+            ``heatmap-relative`` and method ``density``).
         slice_gate: slices whose lesion probability is below this contribute no lesion.
         batch_size: slices per attribution batch.
         seed: seed for stochastic methods (IBA noise, iGOS++ noise).
@@ -73,6 +78,7 @@ class PipelineConfig:
     lesion_rule: str | None = None
     threshold: float | None = None
     min_lesion_ml: float | None = None
+    density_delta_hu: float | None = None
     slice_gate: float | None = None
     batch_size: int = 16
     seed: int = 0
@@ -83,14 +89,16 @@ class PipelineConfig:
         """Check the settings; raises ``ValueError`` naming the bad one."""
         if self.method not in (*METHODS, "density"):
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join((*METHODS, 'density'))}")
-        if self.lung_mask not in ("auto", "lungmask", "threshold"):
-            raise ValueError(f"unknown lung mask backend {self.lung_mask!r}")
+        if self.lung_mask not in LUNG_BACKENDS:
+            raise ValueError(f"unknown lung mask backend {self.lung_mask!r}; choose one of {', '.join(LUNG_BACKENDS)}")
         if self.lesion_rule is not None and self.lesion_rule not in LESION_RULES:
             raise ValueError(f"unknown lesion rule {self.lesion_rule!r}; choose one of {', '.join(LESION_RULES)}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
         if self.min_lesion_ml is not None and self.min_lesion_ml < 0:
             raise ValueError(f"minimum lesion volume must be >= 0, got {self.min_lesion_ml}")
+        if self.density_delta_hu is not None and not 0.0 < self.density_delta_hu < 1500.0:
+            raise ValueError(f"density delta must be between 0 and 1500 HU, got {self.density_delta_hu}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         return self
@@ -102,14 +110,14 @@ class PipelineConfig:
 
 
 def resolve_calibration(config: PipelineConfig, model: LoadedModel | None) -> dict:
-    """Threshold, minimum lesion volume, lesion rule and slice gate: the run's own values where set,
-    else the bundle's calibration for the method, else :data:`DEFAULT_CALIBRATION`."""
+    """Threshold, minimum lesion volume, lesion rule, density delta and slice gate: the run's own
+    values where set, else the bundle's calibration for the method, else :data:`DEFAULT_CALIBRATION`."""
     cal = dict(DEFAULT_CALIBRATION)
     if model is not None:
         bundle_cal = model.calibration
         cal.update({k: v for k, v in bundle_cal.items() if k in cal})
         cal.update(bundle_cal.get("methods", {}).get(config.method, {}))
-    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate"):
+    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate", "density_delta_hu"):
         if getattr(config, key) is not None:
             cal[key] = getattr(config, key)
     return cal
@@ -168,11 +176,12 @@ class Evidence:
     timings: dict[str, float]
 
 
-def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5
-                     ) -> Evidence:
+def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
+                     density_delta_hu: float = DEFAULT_DELTA_HU) -> Evidence:
     """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
 
-    For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1).
+    For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1): lung voxels
+    ``density_delta_hu`` above the study's normal lung level.
     """
     from monai_ext.transforms.slices import extract_slices, paste_slices
 
@@ -191,7 +200,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
     hu = np.asarray(ct[0])
     if config.method == "density":
         t0 = time.perf_counter()
-        heat = abnormal_attenuation(hu, lung, spacing).astype(np.float32)
+        heat = relative_attenuation(hu, lung, spacing, density_delta_hu).astype(np.float32)
         t["attribution"] = time.perf_counter() - t0
         return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t)
     t0 = time.perf_counter()
@@ -217,7 +226,8 @@ def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
     if method == "density":
         return remove_small_components(evidence.heat > 0, evidence.spacing, cal["min_lesion_ml"])
     return lesion_mask_from_heatmap(evidence.heat, evidence.lung, cal["threshold"], cal["lesion_rule"],
-                                    ct=evidence.hu, spacing=evidence.spacing, min_volume_ml=cal["min_lesion_ml"])
+                                    ct=evidence.hu, spacing=evidence.spacing, min_volume_ml=cal["min_lesion_ml"],
+                                    density_delta_hu=cal["density_delta_hu"])
 
 
 def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, model: LoadedModel | None
@@ -240,7 +250,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
     cal = resolve_calibration(config, model)
     sdir = Path(out_dir) / study.study
     sdir.mkdir(parents=True, exist_ok=True)
-    ev = compute_evidence(study, config, model, cal["slice_gate"])
+    ev = compute_evidence(study, config, model, cal["slice_gate"], cal["density_delta_hu"])
     t = dict(ev.timings)
     t0 = time.perf_counter()
     lesion = lesion_mask(ev, config.method, cal)
@@ -277,6 +287,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "lesion_rule": rule,
         "threshold": None if dens else cal["threshold"],
         "min_lesion_ml": cal["min_lesion_ml"],
+        "density_delta_hu": cal["density_delta_hu"] if dens or cal["lesion_rule"] == "heatmap-relative" else None,
         "slice_gate": None if dens else cal["slice_gate"],
         "model": None if model is None else {"bundle": str(model.bundle), "sha256": model.checksum},
         **sev.to_dict(),

@@ -33,6 +33,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
+
 __all__ = ["main", "default_ct_path", "run_method", "ALL_METHODS"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated (default {','.join(ALL_METHODS)})")
     p.add_argument("--bundle", help="bundle folder (default: the embedded bundle)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=["auto", "lungmask", "threshold"])
+    p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.add_argument("--threads", type=int, help="torch threads in each run (default: torch's default)")
     p.add_argument("--out", help="keep the outputs in this folder (default: a temporary folder)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from monai_ext.transforms.slices import flatten_surroundings
 
 VARIANTS = ("as_is", "body_flattened", "all_flattened")
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("studies", nargs="+")
     p.add_argument("--bundle", default=None, help="bundle folder (default: the embedded one)")
     p.add_argument("--margin-mm", type=float, default=4.0, help="lung surroundings kept as they are (mm, in-plane)")
-    p.add_argument("--lung-mask", default="threshold", choices=("auto", "lungmask", "threshold"))
+    p.add_argument("--lung-mask", default="threshold", choices=LUNG_BACKENDS)
     p.add_argument("--show", type=float, default=0.5, help="list slices scored above this in any variant")
     args = p.parse_args(argv)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from monai_ext.transforms.array import LungMask
 from monai_ext.transforms.dictionary import LungMaskD, LungMaskd, LungMaskDict
 from monai_ext.transforms.lung import (
+    BACKENDS,
     LEFT_LUNG,
     LUNGMASK_R231_FILENAME,
     LUNGMASK_WEIGHTS_ENV,
@@ -15,6 +16,14 @@ from monai_ext.transforms.lung import (
     threshold_lung_mask,
     unet_lung_mask,
 )
+from monai_ext.transforms.lung_net import (
+    LUNG_NET_ENV,
+    LungNetWeightsError,
+    load_lung_net,
+    net_lung_mask,
+    register_default_lung_net,
+)
+from monai_ext.transforms.organs import organ_intrusion
 from monai_ext.transforms.slices import (
     DEFAULT_WINDOW,
     SliceStack,
@@ -38,6 +47,13 @@ __all__ = [
     "LungMaskD",
     "LungMaskDict",
     "LungMaskWeightsError",
+    "LungNetWeightsError",
+    "LUNG_NET_ENV",
+    "BACKENDS",
+    "load_lung_net",
+    "net_lung_mask",
+    "register_default_lung_net",
+    "organ_intrusion",
     "lung_mask",
     "threshold_lung_mask",
     "unet_lung_mask",

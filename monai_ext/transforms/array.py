@@ -31,10 +31,13 @@ class LungMask(Transform):
 
     Backends: ``"lungmask"``, the lungmask U-Net R231 (Hofmanninger et al. 2020) from a local
     weights file (``weights_path``, else ``$CTSEVERITY_LUNGMASK_WEIGHTS``, else
-    ``torch.hub.get_dir()/checkpoints/unet_r231-d5d2fc3d.pth``; never downloaded);
+    ``torch.hub.get_dir()/checkpoints/unet_r231-d5d2fc3d.pth``; never downloaded); ``"unet"``, the
+    project's own small lung U-Net (:mod:`monai_ext.transforms.lung_net`; ``net_path``, else
+    ``$CTSEVERITY_LUNG_NET``, else the bundle's ``models/lung_net.pt`` registered by ``pipelines``);
     ``"threshold"``, a classical 3D threshold method needing no weights (Hu et al. 2001, see
-    :func:`monai_ext.transforms.lung.threshold_lung_mask`); ``"auto"`` (default), ``lungmask`` when its
-    weights are on disk, else ``threshold`` with one logged warning per process.
+    :func:`monai_ext.transforms.lung.threshold_lung_mask`); ``"auto"`` (default): ``lungmask`` when
+    its weights are on disk, else ``unet`` when its weights are found, else ``threshold`` with one
+    logged warning per process.
 
     The input is a ``MetaTensor`` of shape (1, X, Y, Z) as ``LoadImage(ensure_channel_first=True)``
     returns it: array axes in ITK index order and a RAS affine (an LPS affine is accepted when the
@@ -43,8 +46,9 @@ class LungMask(Transform):
     identity affine (1 mm voxels, RAS axes).
 
     Args:
-        backend: ``"auto"``, ``"lungmask"`` or ``"threshold"``.
+        backend: ``"auto"``, ``"lungmask"``, ``"unet"`` or ``"threshold"``.
         weights_path: lungmask R231 weights file (``lungmask``/``auto``).
+        net_path: the project's lung U-Net weights, ``lung_net.pt`` (``unet``/``auto``).
         split_lr: label the right lung 1 and the left lung 2 (lungmask's convention) instead of both 1.
         device: torch device for the U-Net (``None``: CUDA when available, ``"cpu"`` forces the CPU).
         batch_size: slices per U-Net forward pass.
@@ -62,6 +66,7 @@ class LungMask(Transform):
         TypeError: on an unknown threshold parameter.
         LungMaskWeightsError: when ``backend="lungmask"`` and the weights are not on disk, or an
             explicit ``weights_path`` does not exist (raised when the transform is built).
+        LungNetWeightsError: the same for ``backend="unet"`` and ``net_path``.
         NoLungFoundError: when no lung is found in the volume (naming ``filename_or_obj``).
 
     Example:
@@ -79,6 +84,7 @@ class LungMask(Transform):
         self,
         backend: str = "auto",
         weights_path: str | os.PathLike | None = None,
+        net_path: str | os.PathLike | None = None,
         split_lr: bool = False,
         device: str | None = None,
         batch_size: int = 20,
@@ -88,11 +94,12 @@ class LungMask(Transform):
         if backend not in BACKENDS:
             raise ValueError(f"unknown lung mask backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         check_threshold_kwargs({"min_lung_ml": min_lung_ml, **threshold_kwargs})
-        if backend == "lungmask" or (backend == "auto" and weights_path is not None):
-            resolve_backend(backend, weights_path)  # fail early when asked-for weights are not on disk
+        if backend in ("lungmask", "unet") or (backend == "auto" and (weights_path or net_path) is not None):
+            resolve_backend(backend, weights_path, net_path)  # fail early when asked-for weights are not on disk
         # ``self.backend`` is MONAI's list of array backends, so the method lives in ``lung_backend``
         self.lung_backend = backend
         self.weights_path = weights_path
+        self.net_path = net_path
         self.split_lr = bool(split_lr)
         self.device = device
         self.batch_size = int(batch_size)
@@ -118,6 +125,7 @@ class LungMask(Transform):
             affine=affine,
             backend=self.lung_backend,
             weights_path=self.weights_path,
+            net_path=self.net_path,
             split_lr=self.split_lr,
             name=image.meta.get("filename_or_obj"),
             device=self.device,

@@ -26,8 +26,9 @@ class LungMaskd(MapTransform):
 
     Args:
         keys: keys of the CT images (channel-first ``MetaTensor`` in HU) to mask.
-        backend: ``"auto"``, ``"lungmask"`` or ``"threshold"`` (see :class:`LungMask`).
+        backend: ``"auto"``, ``"lungmask"``, ``"unet"`` or ``"threshold"`` (see :class:`LungMask`).
         weights_path: lungmask R231 weights file.
+        net_path: the project's lung U-Net weights (``lung_net.pt``).
         split_lr: label the right lung 1 and the left lung 2 (lungmask's convention) instead of both 1.
         output_keys: where to store each mask, one key per entry of ``keys``; ``None`` replaces the
             image with its mask (MONAI's usual in-place convention).
@@ -62,6 +63,7 @@ class LungMaskd(MapTransform):
         keys: KeysCollection,
         backend: str = "auto",
         weights_path: str | os.PathLike | None = None,
+        net_path: str | os.PathLike | None = None,
         split_lr: bool = False,
         output_keys: KeysCollection | None = None,
         device: str | None = None,
@@ -77,6 +79,7 @@ class LungMaskd(MapTransform):
         self.masker = LungMask(
             backend=backend,
             weights_path=weights_path,
+            net_path=net_path,
             split_lr=split_lr,
             device=device,
             batch_size=batch_size,

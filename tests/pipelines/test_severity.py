@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from monai_ext.errors import CTSeverityError
 from pipelines.calibrate import fit_calibration
@@ -12,6 +13,8 @@ from pipelines.severity import (
     abnormal_attenuation,
     grade_from_percent,
     lesion_mask_from_heatmap,
+    normal_lung_level,
+    relative_attenuation,
     remove_small_components,
     severity,
 )
@@ -70,6 +73,41 @@ def test_abnormal_attenuation_keeps_blobs_drops_thin_vessels():
     assert not dense[25, 5:45, 1:11].any()  # the thin vessel is gone
 
 
+def test_normal_lung_level_follows_the_aerated_lung():
+    hu, lung, lesion = _lung_with_lesions()
+    assert normal_lung_level(hu, lung, (1.0, 1.0, 2.5)) == pytest.approx(-850.0, abs=5.0)
+    # a calibration offset, a noisier kernel and a lesion over half of the lung do not move it off
+    rng = np.random.default_rng(0)
+    noisy = hu + 30.0 + rng.normal(0.0, 40.0, hu.shape)
+    heavy = noisy.copy()
+    heavy[5:25, 5:45, 1:11] = -450.0 + rng.normal(0.0, 40.0, (20, 40, 10))
+    assert normal_lung_level(noisy, lung, (1.0, 1.0, 2.5)) == pytest.approx(-820.0, abs=10.0)
+    assert normal_lung_level(heavy, lung, (1.0, 1.0, 2.5)) == pytest.approx(-820.0, abs=15.0)
+    white = np.full(hu.shape, -300.0)
+    assert normal_lung_level(white, lung, (1.0, 1.0, 2.5)) == -850.0  # no aerated lung left: the fallback
+
+
+def test_relative_attenuation_does_not_move_with_calibration_or_inspiration():
+    hu, lung, lesion = _lung_with_lesions()
+    spacing = (1.0, 1.0, 2.5)
+    ref = relative_attenuation(hu, lung, spacing, 200.0)
+    big = np.zeros_like(lesion)
+    big[10:20, 10:20, 3:7] = True
+    assert ref[big].mean() > 0.85 and not ref[25, 5:45, 1:11].any()  # the vessel is opened away
+    assert not (ref & ~ndimage.binary_dilation(lesion)).any()
+    shifted = hu + 60.0  # another scanner's calibration
+    assert np.array_equal(relative_attenuation(shifted, lung, spacing, 200.0), ref)
+    # an absolute window would take the whole shifted lung in or lose the lesion
+    expired = np.where(lung & ~lesion, -760.0, hu)  # denser normal lung (expiration)
+    assert abnormal_attenuation(expired + 20.0, lung, spacing, vessel_radius_mm=1.5)[lung & ~lesion].mean() > 0.9
+    assert not (relative_attenuation(expired + 20.0, lung, spacing, 200.0) & ~ndimage.binary_dilation(lesion)).any()
+    # a sharp kernel's noise is smoothed out before the threshold
+    rng = np.random.default_rng(1)
+    noisy = hu + rng.normal(0.0, 60.0, hu.shape)
+    got = relative_attenuation(noisy, lung, (0.7, 0.7, 2.5), 200.0)
+    assert got[big].mean() > 0.8 and (got & ~lesion).sum() < 0.01 * (lung & ~lesion).sum()
+
+
 def test_heatmap_rules():
     hu, lung, lesion = _lung_with_lesions()
     heat = np.zeros(hu.shape, np.float32)
@@ -81,6 +119,11 @@ def test_heatmap_rules():
     assert sharp.sum() <= 400 and (sharp & lesion).sum() >= 0.85 * 400
     with pytest.raises(ValueError, match="needs the CT"):
         lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density")
+    relative = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-relative", ct=hu, spacing=(1.0, 1.0, 2.5),
+                                        density_delta_hu=200.0)
+    assert relative.sum() <= 400 and (relative & lesion).sum() >= 0.8 * 400
+    with pytest.raises(ValueError, match="needs the CT"):
+        lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-relative")
     with pytest.raises(ValueError, match="lesion rule"):
         lesion_mask_from_heatmap(heat, lung, 0.5, "blobs")
 
