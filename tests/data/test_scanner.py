@@ -1,0 +1,108 @@
+"""Scanner styles: noise level and texture of kernels, thick slices, HU calibration, inspiration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monai_ext.data.scanner import (
+    SHARP_KERNEL,
+    SMOOTH_KERNEL,
+    ScannerStyle,
+    adjust_inspiration,
+    apply_kernel,
+    draw_style,
+    thick_slices,
+)
+
+
+def _radial_centroid(noise: np.ndarray, spacing: float) -> float:
+    """Power-weighted mean spatial frequency (cycles/mm) of a noise image stack."""
+    p = np.abs(np.fft.rfft2(noise, axes=(0, 1))) ** 2
+    fx = np.fft.fftfreq(noise.shape[0], d=spacing)
+    fy = np.fft.rfftfreq(noise.shape[1], d=spacing)
+    f = np.sqrt(fx[:, None] ** 2 + fy[None, :] ** 2)
+    w = p.mean(axis=2)
+    return float((f * w).sum() / w.sum())
+
+
+@pytest.mark.parametrize("noise", [5.0, 30.0, 60.0])
+def test_noise_level_is_the_requested_one(noise):
+    img = np.full((96, 96, 6), -850.0, np.float32)
+    out = apply_kernel(img, (0.7, 0.7, 1.0), f50=0.6, noise_hu=noise, rng=np.random.default_rng(1))
+    assert out.mean() == pytest.approx(-850.0, abs=1.0)
+    assert out.std() == pytest.approx(noise, rel=0.05)
+
+
+def test_sharp_kernel_noise_is_finer_than_smooth():
+    img = np.zeros((128, 128, 4), np.float32)
+    smooth, _, _ = SMOOTH_KERNEL.apply(img, (0.7, 0.7, 1.0), seed=0)
+    sharp, _, _ = SHARP_KERNEL.apply(img, (0.7, 0.7, 1.0), seed=0)
+    assert _radial_centroid(sharp, 0.7) > 1.5 * _radial_centroid(smooth, 0.7)
+    assert sharp.std() > smooth.std()
+
+
+def test_smooth_kernel_blurs_an_edge_and_keeps_flat_regions():
+    img = np.full((64, 64, 2), -850.0, np.float32)
+    img[32:] = 40.0
+    out = apply_kernel(img, (0.7, 0.7, 1.0), f50=0.35)
+    assert out[5, 10, 0] == pytest.approx(-850.0, abs=1.0) and out[50, 10, 0] == pytest.approx(40.0, abs=1.0)
+    assert -850.0 + 50 < out[31, 10, 0] < 40.0 - 50  # the edge is spread over several voxels
+
+
+def test_thick_slices_average_and_resample():
+    vol = np.zeros((4, 4, 40), np.float32)
+    vol[:, :, 20:] = 100.0
+    out, sp = thick_slices(vol, (1.0, 1.0, 1.0), 5.0)
+    assert sp == (1.0, 1.0, 5.0) and out.shape[2] == 8
+    assert out[0, 0, 0] == 0.0 and out[0, 0, -1] == 100.0
+    assert out.mean() == pytest.approx(vol[:, :, ::5].mean(), abs=15.0)
+    same, sp2 = thick_slices(vol, (1.0, 1.0, 2.5), 2.0)  # thinner than native: unchanged
+    assert same.shape == vol.shape and sp2 == (1.0, 1.0, 2.5)
+
+
+def test_labels_follow_thick_slices():
+    img = np.full((8, 8, 40), -850.0, np.float32)
+    lesion = np.zeros(img.shape, np.uint8)
+    lesion[:, :, 10:30] = 1
+    out, sp, (les,) = ScannerStyle(thickness_mm=4.0).apply(img, (1.0, 1.0, 1.0), labels=[lesion])
+    assert les.shape == out.shape and sp[2] == 4.0
+    per_slice = les.sum(axis=(0, 1))
+    assert set(per_slice.tolist()) == {0, 64} and per_slice.sum() == 5 * 64  # 20 mm of lesion: five 4 mm slices
+    assert np.all(np.diff(np.flatnonzero(per_slice)) == 1)
+
+
+def test_gain_and_offset():
+    img = np.full((16, 16, 2), -1000.0, np.float32)
+    out, _, _ = ScannerStyle(gain=1.02, offset_hu=20.0).apply(img, (1.0, 1.0, 1.0))
+    assert np.allclose(out, -1000.0 * 1.02 + 20.0, atol=0.5)
+
+
+def test_inspiration_moves_the_lung_median_and_keeps_air():
+    rng = np.random.default_rng(0)
+    img = rng.normal(-860.0, 30.0, (32, 32, 8)).astype(np.float32)
+    img[0, :, :] = -1000.0
+    lung = np.ones(img.shape, np.uint8)
+    lung[0] = 0
+    img[10:12, 10:12, :] = 40.0  # a vessel keeps its density
+    out = adjust_inspiration(img, lung, -780.0)
+    m = (lung > 0) & (img < -400)
+    assert np.median(out[m]) == pytest.approx(-780.0, abs=1.0)
+    assert np.all(out[0] == -1000.0)
+    assert out[10, 10, 0] == pytest.approx(40.0)
+    with pytest.raises(ValueError, match="lung"):
+        ScannerStyle(lung_median_hu=-800.0).apply(img, (1, 1, 1))
+
+
+def test_drawn_styles_span_the_ranges():
+    rng = np.random.default_rng(3)
+    styles = [draw_style(rng, (0.7, 0.7, 2.5)) for _ in range(400)]
+    f50 = np.array([s.f50 for s in styles])
+    noise = np.array([s.noise_hu for s in styles])
+    thick = [s.thickness_mm for s in styles if s.thickness_mm is not None]
+    assert f50.min() < 0.45 and f50.max() > 1.2
+    assert noise.min() >= 5.0 and noise.max() <= 60.0 and noise.min() < 8 and noise.max() > 50
+    assert min(thick) > 2.5 and max(thick) <= 8.0  # never thinner than the native 2.5 mm
+    assert all(abs(s.offset_hu) <= 30 and 0.96 <= s.gain <= 1.04 for s in styles)
+    med = [s.lung_median_hu for s in styles if s.lung_median_hu is not None]
+    assert 150 < len(med) < 250 and min(med) >= -900 and max(med) <= -750

@@ -1,0 +1,121 @@
+"""The project's lung U-Net: canvas geometry, weights checks, backend choice, and the shipped network on
+real CT (organ domes out, dense lesions in, agreement with the reference masks)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import monai_ext.transforms.lung as lung
+from monai_ext.transforms.lung_net import (
+    LungNetInput,
+    LungNetWeightsError,
+    body_centre,
+    canvas_grid,
+    find_lung_net,
+    load_lung_net,
+    paste_canvas,
+    register_default_lung_net,
+    sample_canvas,
+)
+from monai_ext.transforms.organs import organ_intrusion
+from pipelines import EMBEDDED_LUNG_NET
+
+TINY = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 1,
+        "channels": [4, 8], "strides": [2], "num_res_units": 0}
+
+
+def _write_net(folder, network_def=TINY, corrupt=False):
+    from monai.bundle import ConfigParser
+
+    net = ConfigParser({"net": dict(TINY)}).get_parsed_content("net")
+    path = folder / "lung_net.pt"
+    torch.save(net.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    info = {"network_def": network_def, "input": LungNetInput(size=32, pixel_mm=4.0).to_dict(),
+            "sha256": "0" * 64 if corrupt else digest}
+    path.with_suffix(".json").write_text(json.dumps(info))
+    return path
+
+
+def test_canvas_puts_a_point_where_its_millimetres_say():
+    vol = np.full((100, 80, 5), -1000.0, np.float32)
+    vol[60, 30, 2] = 1000.0  # at (60 * 0.5, 30 * 0.5) = (30, 15) mm
+    cfg = LungNetInput(size=21, pixel_mm=1.0, context_mm=0.0, window=(-1000.0, 1000.0))
+    x = sample_canvas(vol, [2], (0.5, 0.5, 2.0), (20.0, 15.0), cfg)
+    assert x.shape == (1, 3, 21, 21)
+    i, j = np.unravel_index(int(x[0, 1].argmax()), (21, 21))
+    assert (i - 10, j - 10) == (10, 0)  # 10 mm further along x than the centre, same y
+    assert np.allclose(x[0, 0], x[0, 1]) and np.allclose(x[0, 2], x[0, 1])  # context 0: the same slice
+
+
+def test_canvas_and_paste_are_inverse_on_smooth_images():
+    yy, xx = np.meshgrid(np.arange(64), np.arange(64))
+    img = (np.sin(xx / 9.0) + np.cos(yy / 7.0)).astype(np.float32)
+    cfg = LungNetInput(size=96, pixel_mm=0.5, context_mm=0.0, window=(-2.0, 2.0))
+    x = sample_canvas(img[:, :, None].repeat(3, 2), [1], (1.0, 1.0, 1.0), (31.5, 31.5), cfg)
+    back = paste_canvas(x[:, 1], (64, 64), (1.0, 1.0, 1.0), (31.5, 31.5), cfg)[0].numpy()
+    expected = (img + 2.0) / 4.0
+    inside = (slice(10, 54), slice(10, 54))  # the canvas spans 31.5 +- 23.75 mm
+    assert np.abs(back[inside] - expected[inside]).max() < 0.02
+    assert back[:6].max() == 0.0  # outside the canvas
+
+
+def test_augmented_grid_rotates_and_scales_about_the_centre():
+    cfg = LungNetInput(size=33, pixel_mm=1.0)
+    g = canvas_grid((101, 101), (1.0, 1.0), (50.0, 50.0), cfg, scale=2.0, angle=np.pi / 2)
+    # canvas pixel (16 + 5, 16) is 5 px along u: with scale 2 and a quarter turn it reads 10 mm along +y
+    gy, gx = g[0, 21, 16].tolist()
+    assert gx == pytest.approx(0.0, abs=1e-5) and gy == pytest.approx(10.0 / 50.0, abs=1e-5)
+
+
+def test_body_centre_ignores_a_table_edge():
+    vol = np.full((120, 120, 10), -1000.0, np.float32)
+    vol[20:80, 30:90, :] = 40.0  # body
+    vol[:, 104:116, :] = 200.0  # a table across the field of view, apart from the body
+    cx, cy = body_centre(vol, (1.0, 1.0, 5.0))
+    assert abs(cx - 49.5) < 4.0 and abs(cy - 59.5) < 4.0
+
+
+def test_weights_are_checked(tmp_path):
+    good = _write_net(tmp_path)
+    net = load_lung_net(good)
+    assert net.input.size == 32 and not net.network.training
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    with pytest.raises(LungNetWeightsError, match="checksum"):
+        load_lung_net(_write_net(bad_dir, corrupt=True))
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    with pytest.raises(LungNetWeightsError, match="not a plain MONAI network"):
+        load_lung_net(_write_net(code_dir, {**TINY, "_target_": "os.system"}))
+    with pytest.raises(LungNetWeightsError, match="not found"):
+        find_lung_net(tmp_path / "missing.pt")
+    (tmp_path / "lonely.pt").write_bytes(good.read_bytes())
+    with pytest.raises(LungNetWeightsError, match="lung_net.json|lonely.json"):
+        load_lung_net(tmp_path / "lonely.pt")
+
+
+def test_backend_choice(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("CTSEVERITY_LUNGMASK_WEIGHTS", raising=False)
+    monkeypatch.delenv("CTSEVERITY_LUNG_NET", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    assert EMBEDDED_LUNG_NET.is_file()  # the bundle ships it; importing pipelines registers it
+    assert lung.resolve_backend("auto") == ("unet", EMBEDDED_LUNG_NET)
+    register_default_lung_net(None)
+    try:
+        monkeypatch.setattr(lung, "_fallback_warned", False)
+        with caplog.at_level(logging.WARNING, logger="monai_ext.transforms"):
+            assert lung.resolve_backend("auto") == ("threshold", None)
+        assert "threshold" in caplog.text
+        with pytest.raises(LungNetWeightsError, match="CTSEVERITY_LUNG_NET"):
+            lung.resolve_backend("unet")
+        monkeypatch.setenv("CTSEVERITY_LUNG_NET", str(EMBEDDED_LUNG_NET))
+        assert lung.resolve_backend("auto")[0] == "unet"
+    finally:
+        register_default_lung_net(EMBEDDED_LUNG_NET)
