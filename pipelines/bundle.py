@@ -273,8 +273,11 @@ def fit_iba_estimator(network: torch.nn.Module, dataset, layer: str, device: str
 
 def finalize_training(output_dir: str | os.PathLike, network: torch.nn.Module, network_def: dict,
                       input_cfg: dict, train_dataset, val_dataset, val_records: Sequence, device: str | torch.device,
-                      iba_layer: str | None = None, seed: int = 0, extra: dict | None = None) -> dict:
+                      iba_layer: str | None = None, seed: int = 0, extra: dict | None = None,
+                      cam_layer: str | None = None) -> dict:
     """Write ``model.pt``/``model.json`` (checksum, metrics) and the IBA estimator of a trained network.
+
+    ``cam_layer`` (when given) is recorded as the layer HiResCAM and Grad-CAM explain.
 
     The best checkpoint (by validation slice AUC) is expected at ``output_dir/model.pt`` as written by
     MONAI's ``CheckpointSaver(key_metric_filename="model.pt")``; if it is missing the current
@@ -304,6 +307,8 @@ def finalize_training(output_dir: str | os.PathLike, network: torch.nn.Module, n
         "training": {"seed": seed, "n_train_slices": int(len(train_dataset)) if train_dataset is not None else 0,
                      **(extra or {})},
     }
+    if cam_layer not in (None, "", "None", "none", "null"):
+        info["cam_layer"] = str(cam_layer)
     if iba_layer in ("", "None", "none", "null"):
         iba_layer = None
     if iba_layer is not None and train_dataset is not None and len(train_dataset):

@@ -235,8 +235,12 @@ def slice_labels_from_mask(mask: torch.Tensor, lung: torch.Tensor, indices: torc
 
 def prepare_study(record: dict | StudyRecord, size: int = 192, context: int = 0,
                   window: Sequence[float] = DEFAULT_WINDOW, lung_backend: str = "auto",
-                  use_mask_labels: bool = True) -> dict:
+                  use_mask_labels: bool = True, flatten_beyond_mm: float | None = None) -> dict:
     """Load a study and turn it into labelled classifier slices.
+
+    The lung mask is the record's ``lung`` file when it has one, else computed with ``lung_backend``;
+    ``flatten_beyond_mm`` flattens the body beyond that distance from the lung, as the model's input
+    does at inference (:func:`~monai_ext.transforms.slices.extract_slices`).
 
     Returns:
         dict with ``images`` (N, C, S, S) float16, ``labels`` (N,), ``indices`` (N,), ``study``.
@@ -247,7 +251,8 @@ def prepare_study(record: dict | StudyRecord, size: int = 192, context: int = 0,
         lung = load_ct_mask(rec["lung"], ct)
     else:
         lung = LungMask(backend=lung_backend)(ct)
-    stack = extract_slices(ct, lung, ct.pixdim.tolist(), size=size, context=context, window=window)
+    stack = extract_slices(ct, lung, ct.pixdim.tolist(), size=size, context=context, window=window,
+                           flatten_beyond_mm=flatten_beyond_mm)
     if use_mask_labels and rec.get("mask"):
         labels = slice_labels_from_mask(load_ct_mask(rec["mask"], ct), lung, stack.indices)
     else:
@@ -295,7 +300,7 @@ class SliceDataset(torch.utils.data.Dataset):
         records: studies (``StudyRecord`` or dicts).
         cache_dir: folder of the persistent cache; ``None`` keeps everything in memory only.
         transform: slice-level transform (augmentation) applied to ``{"image", "label"}`` dicts.
-        size, context, window, lung_backend, use_mask_labels: see :func:`prepare_study`.
+        size, context, window, lung_backend, use_mask_labels, flatten_beyond_mm: see :func:`prepare_study`.
         progress: show a progress bar while preparing studies.
         slice_stride: keep every ``slice_stride``-th slice of each study (neighbouring slices are
             nearly the same image; a stride trades little information for training time).
@@ -306,12 +311,13 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[StudyRecord | dict], cache_dir: str | os.PathLike | None = None,
                  transform: Callable | None = None, size: int = 192, context: int = 0,
                  window: Sequence[float] = DEFAULT_WINDOW, lung_backend: str = "auto",
-                 use_mask_labels: bool = True, progress: bool = True, slice_stride: int = 1) -> None:
+                 use_mask_labels: bool = True, progress: bool = True, slice_stride: int = 1,
+                 flatten_beyond_mm: float | None = None) -> None:
         if slice_stride < 1:
             raise ValueError(f"slice_stride must be >= 1, got {slice_stride}")
         recs = [r.to_dict() if isinstance(r, StudyRecord) else dict(r) for r in records]
         prep = _PrepareTransform(size=size, context=context, window=tuple(window), lung_backend=lung_backend,
-                                 use_mask_labels=use_mask_labels)
+                                 use_mask_labels=use_mask_labels, flatten_beyond_mm=flatten_beyond_mm)
         if cache_dir is not None:
             key = hashlib.sha1(repr(sorted(prep.kwargs.items())).encode()).hexdigest()[:10]
             studies = PersistentDataset(recs, transform=prep, cache_dir=Path(cache_dir) / key, hash_func=_record_hash)

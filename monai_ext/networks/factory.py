@@ -94,15 +94,21 @@ def _names(model: nn.Module) -> set[str]:
 def default_cam_layer(model: nn.Module) -> str:
     """The layer CAM methods (HiResCAM, Grad-CAM) read by default.
 
-    ``features.denseblock4`` for MONAI DenseNets, ``layer4`` for MONAI ResNets and SENets; for
-    other models, the last ``Conv2d`` in ``named_modules()`` order.
+    The last dense block (``features.denseblock4`` for the DenseNet121 family, ``features.denseblock2``
+    for a two-block DenseNet) for MONAI DenseNets, ``layer4`` for MONAI ResNets and SENets; for other
+    models, the last ``Conv2d`` in ``named_modules()`` order. (For HiResCAM's exact score
+    decomposition on a MONAI DenseNet, explain ``class_layers.relu``, the input of its global
+    pooling: the ct-severity bundle records that layer as its ``cam_layer``.)
 
     Raises:
         ValueError: if the model has no 2D convolution.
     """
     names = _names(model)
-    if isinstance(model, nets.DenseNet) and "features.denseblock4" in names:
-        return "features.denseblock4"
+    if isinstance(model, nets.DenseNet):
+        blocks = sorted((n for n in names if n.startswith("features.denseblock") and n.count(".") == 1),
+                        key=lambda n: int(n.removeprefix("features.denseblock")))
+        if blocks:
+            return blocks[-1]
     if isinstance(model, (nets.ResNet, nets.SENet)) and "layer4" in names:
         return "layer4"
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -115,15 +121,18 @@ def default_iba_layer(model: nn.Module) -> str:
     """The layer IBA puts its bottleneck on by default.
 
     ``features.transition2`` for MONAI DenseNets (the output of the second transition block,
-    1/16 of the input size), ``layer2`` for MONAI ResNets and SENets (1/8 of the input size); for
-    other models, the ``Conv2d`` halfway through the network.
+    1/16 of the input size), ``features.transition1`` (1/8) for DenseNets with fewer blocks,
+    ``layer2`` for MONAI ResNets and SENets (1/8 of the input size); for other models, the
+    ``Conv2d`` halfway through the network.
 
     Raises:
         ValueError: if the model has no 2D convolution.
     """
     names = _names(model)
-    if isinstance(model, nets.DenseNet) and "features.transition2" in names:
-        return "features.transition2"
+    if isinstance(model, nets.DenseNet):
+        for name in ("features.transition2", "features.transition1"):
+            if name in names:
+                return name
     if isinstance(model, (nets.ResNet, nets.SENet)) and "layer2" in names:
         return "layer2"
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

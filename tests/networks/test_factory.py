@@ -44,3 +44,14 @@ def test_errors_and_fallback_layers():
     assert default_cam_layer(plain) == "2" and default_iba_layer(plain) == "1"
     with pytest.raises(ValueError, match="no Conv2d"):
         default_cam_layer(torch.nn.Linear(2, 2))
+
+
+def test_default_layers_of_a_two_block_densenet_give_24_by_24_maps():
+    """The ct-severity network: two dense blocks, so the last block and the IBA layer are 1/8 of the input."""
+    from monai.networks.nets import DenseNet
+
+    net = DenseNet(2, 1, 2, init_features=32, growth_rate=16, block_config=(6, 12)).eval()
+    assert default_cam_layer(net) == "features.denseblock2"
+    assert default_iba_layer(net) == "features.transition1"
+    with torch.no_grad():
+        assert net.features(torch.zeros(1, 1, 192, 192)).shape[-2:] == (24, 24)
