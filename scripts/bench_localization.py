@@ -382,8 +382,7 @@ def evaluate_study_slices(method: str, record, model, params: dict, lung_backend
     """A slow method on ``k`` slices of a study: the pipeline's steps (lung mask, slices, classifier,
     attribution, maps pasted on the CT grid times the lung, study normalization, lesion rule) with
     the attribution run only on ``k`` seeded slices among those with lesion in the lung that the
-    classifier scores above the slice gate; the study is normalized over the lung of these slices
-    (as if they were its only positive slices). Returns their units,
+    classifier scores above the slice gate (as if they were its only positive slices). Returns their units,
     the attribution seconds and the slices attributed."""
     import zlib
 
@@ -418,11 +417,8 @@ def evaluate_study_slices(method: str, record, model, params: dict, lung_backend
     seconds = time.perf_counter() - t0
     raw = paste_slices(torch.nan_to_num(maps), stack).numpy() * lung
     zs = [int(stack.indices[j]) for j in chosen]
-    # the scale over the lung of the attributed slices (over the whole lung, the 99th percentile of a
-    # study with a few non-zero slices is 0 and normalize_study returns a zero map)
-    among = np.zeros_like(lung)
-    among[:, :, zs] = lung[:, :, zs]
-    heat = np.asarray(normalize_study(raw, among), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
+    # as the pipeline: one scale for the study, from the lung voxels with evidence
+    heat = np.asarray(normalize_study(raw, lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
     ev = Evidence(ct, np.asarray(ct[0]), lung, heat, spacing, [], float("nan"), {})
     pred = lesion_mask(ev, method, cal)
     return _slice_units(record.study, method, heat, lung, truth, pred, zs), seconds, len(chosen)

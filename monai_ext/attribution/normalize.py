@@ -64,10 +64,14 @@ def normalize_study(maps: Array, lung_mask: Array | None = None, percentile: flo
                     mask_output: bool = True) -> Array:
     """Scale the attribution maps of one study jointly to [0, 1].
 
-    The scale is the ``percentile``-th percentile of the map values inside the lung over the whole
-    study (all slices together); maps are divided by it and clipped to [0, 1], so negative values
-    (signed methods such as LRP) become 0 and the strongest 1 - percentile/100 of the lung
-    saturates at 1. A study whose maps are zero (or negative) everywhere in the lung stays zero.
+    The scale is the ``percentile``-th percentile (a value the map takes: the lower neighbour of the
+    rank) of the map's positive values inside the lung over the whole study (all slices together);
+    maps are divided by it and clipped to [0, 1], so negative values (signed methods such as LRP)
+    become 0 and the strongest 1 - percentile/100 of the evidence saturates at 1. Taking the
+    percentile over the voxels with evidence, not over the whole lung, keeps the map of a study
+    whose evidence covers little of its lung (a few lesion slices): over the whole lung, its
+    percentile would be 0 and the map would vanish. A study whose maps are zero (or negative)
+    everywhere in the lung stays zero.
 
     Args:
         maps: the study's maps, any shape, e.g. (1, X, Y, Z) or (Z, 1, H, W); numpy or torch.
@@ -99,8 +103,13 @@ def normalize_study(maps: Array, lung_mask: Array | None = None, percentile: flo
     if inside.numel() == 0:
         raise NoLungFoundError("the lung mask is empty: nothing to normalize the heatmaps over")
     inside = torch.nan_to_num(inside, nan=0.0)
-    scale = float(torch.quantile(inside.double(), percentile / 100.0)) if inside.numel() <= 16_000_000 else \
-        float(np.percentile(inside.double().cpu().numpy(), percentile))
+    positive = inside[inside > 0].double()
+    if positive.numel() == 0:
+        scale = 0.0
+    elif positive.numel() <= 16_000_000:
+        scale = float(torch.quantile(positive, percentile / 100.0, interpolation="lower"))
+    else:
+        scale = float(np.percentile(positive.cpu().numpy(), percentile, method="lower"))
     if not scale > 0:
         warnings.warn("the heatmap is zero (or negative) everywhere in the lung; the normalized map is zero",
                       stacklevel=2)

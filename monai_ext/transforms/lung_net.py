@@ -58,6 +58,7 @@ __all__ = [
     "load_lung_net",
     "lung_probability",
     "net_lung_mask",
+    "combine_with_threshold",
     "register_default_lung_net",
     "find_lung_net",
 ]
@@ -320,6 +321,59 @@ def _keep_lungs(mask: np.ndarray, voxel_ml: float, min_component_ml: float = 20.
     return keep[comp]
 
 
+def _ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    r = [int(np.floor(radius_mm / s)) for s in spacing]
+    grids = np.ogrid[tuple(slice(-k, k + 1) for k in r)]
+    return sum((g * s) ** 2 for g, s in zip(grids, spacing)) <= radius_mm**2 + 1e-6
+
+
+def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask: np.ndarray,
+                           core_mm: float = 2.5, name: object | None = None) -> np.ndarray:
+    """The network's lung where the threshold mask has none, on the threshold mask.
+
+    The threshold mask (:func:`~monai_ext.transforms.lung.threshold_lung_mask`: aerated lung at
+    full resolution, organ domes out) gives the boundary wherever the lung is aerated. What the
+    network adds beyond it (dense lesions that a threshold cannot tell from the chest wall, the
+    heart or the diaphragm) is kept where it is at least ``2 * core_mm`` thick: the added region
+    is eroded by ``core_mm`` and grown back inside itself by ``core_mm + 1`` mm, so that the one or
+    two coarse canvas pixels by which the network's boundary overshoots the lung along the
+    diaphragm and the chest wall do not come in, while a consolidation keeps its whole extent; and
+    only added regions that touch the threshold mask are kept (a lesion spreads from aerated lung,
+    a stray blob of the network inside the liver does not touch it).
+
+    Args:
+        canon: canonical CT in HU (x left, y posterior, z superior).
+        spacing: voxel size in mm.
+        net_mask: the network's lung mask on the same grid.
+        core_mm: half the thickness below which an added region is dropped.
+        name: what to call the input in error messages.
+
+    Returns:
+        Boolean lung mask.
+    """
+    from monai_ext.errors import NoLungFoundError as _NoLung
+    from monai_ext.transforms.lung import threshold_lung_mask
+
+    try:
+        base = threshold_lung_mask(canon, spacing, name=name, min_lung_ml=0.0) > 0
+    except _NoLung:  # no aerated lung at all: the network's mask alone
+        base = np.zeros(net_mask.shape, dtype=bool)
+    extra = net_mask & ~base
+    if extra.any():
+        idx = [np.flatnonzero(extra.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
+        pad = [int(np.ceil((core_mm + 1.0) / s)) + 1 for s in spacing]
+        box = tuple(slice(max(0, int(i[0]) - p), min(n, int(i[-1]) + 1 + p)) for i, p, n in zip(idx, pad, extra.shape))
+        sub = extra[box]
+        core = ndimage.binary_erosion(sub, structure=_ellipsoid(core_mm, spacing))
+        grown = ndimage.binary_dilation(core, structure=_ellipsoid(core_mm + 1.0, spacing)) & sub
+        # only regions that touch the aerated lung: lesions spread from it, a stray blob in the liver does not
+        comp, n = ndimage.label(grown)
+        if n:
+            touching = np.unique(comp[ndimage.binary_dilation(base[box]) & grown])
+            base[box] |= np.isin(comp, touching[touching > 0])
+    return base
+
+
 def net_lung_mask(volume_xyz: np.ndarray, spacing: Sequence[float], *, affine: np.ndarray | None = None,
                   weights_path: str | os.PathLike | None = None, split_lr: bool = False, name: object | None = None,
                   device: str | None = None, batch_size: int = 16, min_lung_ml: float = 100.0) -> np.ndarray:
@@ -348,10 +402,8 @@ def net_lung_mask(volume_xyz: np.ndarray, spacing: Sequence[float], *, affine: n
     net = load_lung_net(weights_path, device or "cpu")
     canon, cspacing, forward, backward = canonical_view(np.asarray(volume_xyz), spacing, affine)
     prob = lung_probability(canon, cspacing, net, batch_size=batch_size)
-    mask = prob > 0.5
-    for k in np.flatnonzero(mask.any(axis=(0, 1))):  # vessels and airways enclosed by the lung
-        mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
     voxel_ml = float(np.prod(cspacing)) / 1000.0
+    mask = combine_with_threshold(canon, cspacing, prob > 0.5, name=name)
     mask = _keep_lungs(mask, voxel_ml)
     total = float(np.count_nonzero(mask)) * voxel_ml
     if total < min_lung_ml:

@@ -66,3 +66,17 @@ def test_mask_transforms():
     assert float(d["heat"].max()) == 1.0
     with pytest.raises(KeyError):
         MaskMapd("heat", mask_key="lung")({"heat": maps})
+
+
+def test_evidence_on_few_voxels_is_kept():
+    """Evidence on 0.5 % of the lung (a study with lesion on one slice of many): the scale comes from the
+    voxels with evidence, so the map does not vanish as a percentile over the whole lung would make it."""
+    maps = torch.zeros(1, 20, 20, 50)
+    lung = torch.zeros(20, 20, 50)
+    lung[:, :, :] = 1
+    maps[0, 5:7, 5:15, 10] = 3.0  # 20 of 20000 lung voxels
+    maps[0, 5, 5, 10] = 6.0
+    out = normalize_study(maps, lung, percentile=99)  # the 99th percentile of 20 values: the 19th, 3.0
+    assert float(out[0, 6, 10, 10]) == 1.0 and float(out.sum()) == pytest.approx(20.0)
+    exact = normalize_study(maps, lung, percentile=100)
+    assert float(exact[0, 6, 10, 10]) == pytest.approx(0.5) and float(exact[0, 5, 5, 10]) == pytest.approx(1.0)
