@@ -15,10 +15,46 @@ is met to the voxel: lesions are unions of smooth blobs restricted to the lung m
 
 Appearance. The image is split into a low-pass part ``B`` (anatomy) and the rest ``N`` (noise and
 fine detail). In a lesion ``B`` is raised to the lesion density with a soft maximum, and ``N`` is
-added back: GGO (-700..-300 HU, textured, denser in the core, sometimes with a crazy-paving
-reticulation) leaves the vessels visible, consolidation (-100..+60 HU) hides them. Margins are
-blurred over a few millimetres; the lesion mask is where the lesion reaches at least half of its
-density (the faint rim outside it is not counted).
+added back: GGO (-750..-300 HU, textured, denser in the core, sometimes with a crazy-paving
+reticulation) leaves the vessels visible, consolidation (-200..+20 HU) hides most of them. Margins
+are blurred over a few millimetres; the lesion mask is where the lesion reaches at least half of
+its density (the faint rim outside it is not counted).
+
+Fitted parameters (``_FIT``). The per-study draws were fitted to statistics of real annotations,
+measured with :mod:`monai_ext.data.lesion_stats` by ``scripts/lesion_stats.py`` (numbers only;
+no mask or image was copied): the 50 MosMedData CT-1 lesion masks (Morozov et al.,
+arXiv:2005.06465; 8 mm slices; the generator is measured at the same slice spacing, on volumes
+matched to theirs) and the 98 MedSeg slices with GGO/consolidation labels (Fan et al., Inf-Net,
+IEEE TMI 2020; HU read from 8-bit JPEGs with the assumed window -1100..250 HU; generator slices
+paired by slice lesion load). Old values in brackets; real figures are medians [IQR]:
+
+- ``cell_mm`` 18..28 [9..14] and ``w_fine`` 0.7 [0.5]: fewer, larger lesions. MosMed has 11.5
+  [5, 18] components of at least 0.1 ml per study and the largest holds 0.55 [0.35, 0.81] of the
+  lesion; the old generator gave 25.5 and 0.28 at the same volumes, the fitted one about 10 and
+  0.45-0.5. Its lesions still reach more 8 mm slices (about 22 against 15.5).
+- ``w_pleura`` 0.4..0.8 [0.5..0.9], ``w_periph`` 0..0.3 [0.3..0.7]: a milder peripheral lean.
+  MedSeg has 0.43 of the lesion area within 10 mm of the lung boundary where the lung itself has
+  0.41 (MosMed study 0255, the one with a lung mask: 0.25 against 0.39); the old generator put
+  0.6-0.7 there at loads under 10 %, the fitted one 0.4 (0.5-0.6 in 3D at 1-3 % load).
+- ``w_low`` 0.6..1.4 [0.4..1.0]: keeps the lower-lung lean with the larger cells (MosMed: 0.62 of
+  the lesion in the lower half of its own slice range; the generator 0.63). ``w_post`` unchanged
+  (MedSeg posterior-half share 0.64 per slice; the generator 0.58-0.64, but 0.83 under 10 % slice
+  load where MedSeg has 0.55).
+- ``side_sd`` 0.8 [0.3], ``unilateral_p`` 0.1 [0.35]: MosMed's less affected lung holds 0.23
+  [0.04, 0.35] of the lesion and 90 % of the studies are bilateral (old: 0.31 and 72 %).
+- ``ggo_hu`` -760..-500 [-640..-420], ``ggo_core_hu`` 40..200 [40..140]: MedSeg GGO pixels are at
+  -798 / -571 / -285 HU (10th / 50th / 90th percentile; old generator -627 / -466 / -320).
+- ``cons_hu`` -200..20 [-50..20]: MedSeg consolidation labels are at -205 HU median (-602..128);
+  the generator keeps consolidation denser (about -90 HU median), the labels' low tail being
+  partly GGO and air inside the labelled areas.
+- ``cons_share``: a Beta draw with mean ``0.2 + 0.15 * fraction`` and concentration 6, clipped to
+  0..0.9 [``0.05 + 0.4 * fraction`` + N(0, 0.05), 0.02..0.6]: MedSeg slices have 0.24 [0.02, 0.48]
+  of their lesion area consolidated, 0.11 under 10 % slice load and 0.25-0.30 above (the
+  generator: 0.21 [0.10, 0.46]).
+- ``paving_p`` 0.15 [0.4], ``paving_hu`` 40..120 [60..160]: 4-7 % of the MedSeg slices have more
+  than 5 % of their GGO core with a fine reticulation (local high-pass amplitude over twice that of
+  clear lung, :func:`~monai_ext.data.lesion_stats.ggo_texture`); in the generator that measure is
+  dominated by the host CT's own vessels, so this one is set from the share, not fitted.
 
 Array convention: volumes indexed ``[x, y, z]`` with ``x`` towards the patient's left, ``y``
 towards posterior and ``z`` towards superior (MONAI / ITK order for an image with identity
@@ -53,9 +89,9 @@ __all__ = ["insert_lesions", "LESION_KINDS", "GGO_HU", "CONSOLIDATION_HU"]
 #: lesion kinds accepted by :func:`insert_lesions`
 LESION_KINDS: tuple[str, ...] = ("mixed", "ggo", "consolidation")
 #: range of the mean density of ground-glass opacities (HU)
-GGO_HU: tuple[float, float] = (-700.0, -300.0)
+GGO_HU: tuple[float, float] = (-750.0, -300.0)
 #: range of the mean density of consolidations (HU)
-CONSOLIDATION_HU: tuple[float, float] = (-100.0, 60.0)
+CONSOLIDATION_HU: tuple[float, float] = (-200.0, 20.0)
 
 
 def insert_lesions(
@@ -85,8 +121,11 @@ def insert_lesions(
         kind: ``"mixed"`` (GGO with consolidated cores, more consolidation in severe cases),
             ``"ggo"`` (ground glass only) or ``"consolidation"``.
         consolidation_share: for ``"mixed"``, the share of lesion voxels that are consolidated
-            (default drawn from the seed, growing with ``fraction``, about 0.05..0.45).
-        return_info: also return a dict with the lesion voxel counts and the drawn parameters.
+            (default drawn from the seed: a Beta draw with mean ``0.2 + 0.15 * fraction``, wide:
+            from none to most of the lesion, as in the MedSeg slices).
+        return_info: also return a dict with the lesion voxel counts, the drawn parameters and
+            ``consolidation_mask``: a uint8 mask on the grid of ``image`` of the lesion voxels
+            rendered as consolidation (consolidation weight at least 0.5; the rest is GGO).
 
     Returns:
         ``(image_with_lesions, lesion_mask)``: the image in the input dtype (integers are rounded
@@ -159,8 +198,8 @@ def insert_lesions(
     # ---- propensity of each lung voxel
     params = _draw_params(rng, frac, kind, consolidation_share)
     info["params"] = params
-    prop = 0.85 * fields(pts, params["cell_mm"])
-    prop += 0.5 * fields(pts, 0.45 * params["cell_mm"])
+    prop = params["w_coarse"] * fields(pts, params["cell_mm"])
+    prop += params["w_fine"] * fields(pts, params["fine_ratio"] * params["cell_mm"])
     dist = _pleura_distance(lung_c, spc, pts)
     lo = [float(p.min()) for p in pts]
     hi = [float(p.max()) for p in pts]
@@ -178,7 +217,7 @@ def insert_lesions(
     # ---- per-lung targets, then the highest-propensity voxels of each lung
     side = _sides(labels_c.ravel()[flat_lung], xn)
     counts = [int(np.count_nonzero(side == s)) for s in (0, 1)]
-    targets = _split_targets(rng, n_target, counts, frac)
+    targets = _split_targets(rng, n_target, counts, frac, params)
     chosen = []
     thresholds = np.zeros(2, np.float32)
     for s in (0, 1):
@@ -221,7 +260,8 @@ def insert_lesions(
     del img_s
 
     f14, f5, f3 = fields(pts, 14.0), fields(pts, 5.0), fields(pts, 3.0)
-    ggo = params["ggo_hu"] + 55.0 * f14 + 45.0 * f5 + 40.0 * f3
+    t14, t5, t3 = _FIT["ggo_texture_hu"]
+    ggo = params["ggo_hu"] + t14 * f14 + t5 * f5 + t3 * f3
     ggo += params["ggo_core_hu"] * depth
     if params["paving"] > 0:  # crazy paving: a reticulation of thickened septa over part of the GGO
         ridge = np.exp(-((f5 / 0.13) ** 2))
@@ -231,8 +271,10 @@ def insert_lesions(
     cons = params["cons_hu"] + 25.0 * fields(pts, 8.0) + 12.0 * f3
     if kind == "ggo":
         level = ggo
+        cmix = np.zeros_like(ggo)
     elif kind == "consolidation":
-        level = ggo + (cons - ggo) * _smoothstep(depth, 0.0, 0.25)
+        cmix = _smoothstep(depth, 0.0, 0.25)
+        level = ggo + (cons - ggo) * cmix
     else:
         # consolidation where the lesion is deep, in dependent (posterior) lung, in patches of ~2 cm
         score = 0.6 * depth + 0.7 * f14 - 0.3 * f5 + 0.3 * (yn + 1.0)
@@ -251,27 +293,69 @@ def insert_lesions(
         lim = np.iinfo(image.dtype)
         new = np.clip(np.rint(new), lim.min, lim.max)
     out[box][ijk] = new.astype(image.dtype)
+    if return_info:
+        cons_mask = np.zeros(image.shape, np.uint8)
+        solid = (cmix >= 0.5) & (les_c[ijk] > 0)
+        cons_mask[box][tuple(i[solid] for i in ijk)] = 1
+        info["consolidation_mask"] = cons_mask
     n_les = int(sel.size)
     info.update(lesion_voxels=n_les, fraction=n_les / n_lung, per_lung_voxels=targets, lung_per_side=counts)
     return (out, lesion, info) if return_info else (out, lesion)
 
 
+#: The generator's fitted parameters: ``(low, high)`` of a uniform draw per study, or a constant.
+#: The module docstring says where each number comes from (old values in brackets there).
+_FIT: dict[str, Any] = {
+    "cell_mm": (18.0, 28.0),  # scale (mm) of the coarse propensity field
+    "w_coarse": 0.85,  # weight of the coarse field
+    "w_fine": 0.7,  # weight of the finer field ...
+    "fine_ratio": 0.45,  # ... whose scale is this share of cell_mm
+    "w_pleura": (0.4, 0.8),  # pleural bias: weight ...
+    "pleura_mm": (8.0, 16.0),  # ... and decay length (mm)
+    "w_low": (0.6, 1.4),  # lower-lung bias (over the lung height)
+    "w_post": (0.4, 1.0),  # posterior bias (over the lung depth)
+    "w_periph": (0.0, 0.3),  # radial (peripheral) bias
+    "side_sd": 0.8,  # sd of the log-odds of the right/left split
+    "unilateral_below": 0.02,  # below this load ...
+    "unilateral_p": 0.1,  # ... a study is unilateral with this probability
+    "ggo_hu": (-760.0, -500.0),  # GGO density at the lesion margin (HU) ...
+    "ggo_core_hu": (40.0, 200.0),  # ... raised by up to this much in the lesion core
+    "ggo_texture_hu": (55.0, 45.0, 40.0),  # GGO texture amplitude (HU) at 14, 5 and 3 mm
+    "paving_p": 0.15,  # share of studies with crazy paving ...
+    "paving_hu": (40.0, 120.0),  # ... and the amplitude of its septa (HU)
+    "cons_hu": (-200.0, 20.0),  # mean consolidation density (HU)
+    "cons_share": (0.2, 0.15, 6.0),  # consolidation share of the lesion: Beta, mean a + b * load, concentration c
+    "cons_share_range": (0.0, 0.9),  # ... clipped to this range
+}
+
+
 def _draw_params(rng: np.random.Generator, frac: float, kind: str, consolidation_share: float | None) -> dict:
-    u = rng.uniform
+    fit = _FIT
+
+    def u(name: str) -> float:
+        lo, hi = fit[name]
+        return float(rng.uniform(lo, hi))
+
     p = {
-        "cell_mm": u(9.0, 14.0),
-        "w_pleura": u(0.5, 0.9),
-        "pleura_mm": u(8.0, 16.0),
-        "w_low": u(0.4, 1.0),
-        "w_post": u(0.4, 1.0),
-        "w_periph": u(0.3, 0.7),
-        "ggo_hu": u(-640.0, -420.0),
-        "ggo_core_hu": u(40.0, 140.0),
-        "paving": u(60.0, 160.0) if rng.random() < 0.4 else 0.0,
-        "cons_hu": u(-50.0, 20.0),
+        "cell_mm": u("cell_mm"),
+        "w_pleura": u("w_pleura"),
+        "pleura_mm": u("pleura_mm"),
+        "w_low": u("w_low"),
+        "w_post": u("w_post"),
+        "w_periph": u("w_periph"),
+        "ggo_hu": u("ggo_hu"),
+        "ggo_core_hu": u("ggo_core_hu"),
+        "paving": u("paving_hu") if rng.random() < fit["paving_p"] else 0.0,
+        "cons_hu": u("cons_hu"),
+        "w_coarse": float(fit["w_coarse"]),
+        "w_fine": float(fit["w_fine"]),
+        "fine_ratio": float(fit["fine_ratio"]),
     }
     if consolidation_share is None:
-        consolidation_share = float(np.clip(0.05 + 0.4 * frac + rng.normal(0, 0.05), 0.02, 0.6))
+        a, b, c = fit["cons_share"]
+        lo, hi = fit["cons_share_range"]
+        m = float(np.clip(a + b * frac, 0.01, 0.99))
+        consolidation_share = float(np.clip(rng.beta(m * c, (1.0 - m) * c), lo, hi))
     p["consolidation_share"] = (
         float(consolidation_share) if kind == "mixed" else (1.0 if kind == "consolidation" else 0.0)
     )
@@ -286,19 +370,20 @@ def _sides(labels: np.ndarray, xn: np.ndarray) -> np.ndarray:
     return (xn > 0).astype(np.int8)  # x increases towards the patient's left
 
 
-def _split_targets(rng: np.random.Generator, n_target: int, counts: list[int], frac: float) -> list[int]:
+def _split_targets(rng: np.random.Generator, n_target: int, counts: list[int], frac: float, params: dict) -> list[int]:
     """Share the lesion voxels between the lungs: bilateral, unequal, within each lung's size."""
     n_r, n_l = counts
     if n_l == 0:
         return [n_target, 0]
     if n_r == 0:
         return [0, n_target]
-    eps = float(rng.normal(0.0, 0.3))
+    eps = float(rng.normal(0.0, _FIT["side_sd"]))
     w_r = n_r * math.exp(eps) / (n_r * math.exp(eps) + n_l * math.exp(-eps))
-    if frac < 0.02 and rng.random() < 0.35:  # small disease may be unilateral
+    if frac < _FIT["unilateral_below"] and rng.random() < _FIT["unilateral_p"]:  # small disease may be unilateral
         w_r = 1.0 if rng.random() < 0.5 else 0.0
     t_r = int(round(n_target * w_r))
     t_r = min(max(t_r, n_target - n_l), n_r)
+    params["right_share"] = t_r / n_target
     return [t_r, n_target - t_r]
 
 
