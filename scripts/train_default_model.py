@@ -45,6 +45,9 @@ TRAINING_CT = {
     "CIP-10002K": "chest_ct_more/cip_copdgene_10002K/ct-64.nrrd",
     "CIP-TestInput": "chest_ct_more/cip_testinput/TestInput.nrrd",
 }
+#: training studies keep the lung's bounding box plus this margin in-plane (the classifier sees the lung box
+#: plus 10 mm, the body beyond 4 mm of the lung flattened)
+CROP_MM = 30.0
 #: phantom grids (shape, spacing) for the procedural studies
 PHANTOM_GROUPS = (((224, 224, 60), (1.6, 1.6, 5.0)), ((256, 256, 96), (1.4, 1.4, 2.5)),
                   ((192, 192, 54), (1.9, 1.9, 5.5)))
@@ -59,9 +62,9 @@ def _bases(extra: list[Path], names: list[str] | None = None):
 
     for name, rel in TRAINING_CT.items():
         if names is None or name in names:
-            yield lambda name=name, rel=rel: load_clean_ct(shared_data() / rel, name)
+            yield lambda name=name, rel=rel: load_clean_ct(shared_data() / rel, name, crop_mm=CROP_MM)
     for path in extra:
-        yield lambda path=path: load_clean_ct(path)
+        yield lambda path=path: load_clean_ct(path, crop_mm=CROP_MM)
 
 
 def _phantom_base(i: int, seed: int):

@@ -70,6 +70,27 @@ def lidc_dicom_path() -> Path:
     return shared_file("lidc_slice_lungmask/lidc_slice_0.dcm")
 
 
+def load_script(name: str):
+    """The module of ``scripts/<name>.py`` (scripts are not a package; registered in ``sys.modules`` so that
+    its dataclasses and pickling work)."""
+    import importlib.util
+    import sys
+
+    key = f"ctsev_script_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO_ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[key]
+
+
+@pytest.fixture(scope="session")
+def script():
+    """``script("make_semisynthetic")`` gives the module of that script."""
+    return load_script
+
+
 @pytest.fixture(scope="session")
 def shared():
     """``shared("folder/file")`` gives the path of a shared data file, failing if it is missing."""

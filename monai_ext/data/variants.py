@@ -62,8 +62,14 @@ class Variant:
         return 100.0 * int(np.count_nonzero(self.lesion & (self.lung > 0))) / max(n, 1)
 
 
-def load_clean_ct(path: str | os.PathLike, name: str | None = None) -> CleanCT:
+def load_clean_ct(path: str | os.PathLike, name: str | None = None, crop_mm: float | None = None) -> CleanCT:
     """Load a chest CT (any reader format) in the lesion model's axes, with its threshold lung label.
+
+    Args:
+        path: the CT file or DICOM folder.
+        name: its name (default: the file name without suffix).
+        crop_mm: crop in-plane to the lung's bounding box plus this margin (all slices kept), for
+            training data that only the lung and its surroundings matter for.
 
     Raises:
         the reader's and the lung mask's errors (:mod:`monai_ext.errors`).
@@ -79,6 +85,13 @@ def load_clean_ct(path: str | os.PathLike, name: str | None = None) -> CleanCT:
     canon, cspacing, _, _ = canonical_view(arr, spacing, aff)
     canon = np.maximum(canon, -1024).astype(np.int16)
     label = threshold_lung_mask(canon, cspacing, split_lr=True, name=path)
+    if crop_mm is not None:
+        box = []
+        for axis in (0, 1):
+            idx = np.flatnonzero(label.any(axis=tuple(a for a in range(3) if a != axis)))
+            m = int(np.ceil(crop_mm / cspacing[axis]))
+            box.append(slice(max(0, int(idx[0]) - m), min(label.shape[axis], int(idx[-1]) + 1 + m)))
+        canon, label = np.ascontiguousarray(canon[box[0], box[1]]), np.ascontiguousarray(label[box[0], box[1]])
     stem = Path(path).name
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
         stem = stem.removesuffix(suffix)
