@@ -317,6 +317,13 @@ def _fmt(d: dict, pct: bool = False) -> str:
     return f"{f(d['median'])} [{f(d['q1'])}, {f(d['q3'])}]"
 
 
+def pooled_label(summary: dict) -> str:
+    """One line: the pooled volumes of the components >= 0.1 ml, real and generator."""
+    item = summary["pooled_component_ml_min"]
+    return f"{item['label']}: MosMed {_fmt(item['real'])} (n {item['real']['n']}), generator " \
+           f"{_fmt(item['generator'])} (n {item['generator']['n']})"
+
+
 def table_rows(summary: dict) -> list[list[str]]:
     """Rows ``statistic, real, generator`` for printing and for the model card."""
     rows = []
@@ -357,7 +364,7 @@ def make_figures(out: Path, mosmed: list[dict], gen_matched: list[dict], gen_swe
     ax[0].set(xscale="log", xlabel="lesion volume (ml)", ylabel="components >= 0.1 ml", title="lesion count per study")
     ax[1].set(xscale="log", xlabel="lesion volume (ml)", ylabel="largest / total", title="largest component share")
     ax[2].set(xlabel="log10 component volume (ml)", ylabel="density",
-              title=f"sizes of components >= 0.1 ml\n(MosMed also: median {small:.0f} smaller fragments/study)")
+              title=f"components >= 0.1 ml\n(MosMed: + {small:.0f} smaller per study)")
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "lesion_counts_sizes.png")
@@ -514,10 +521,16 @@ def main(argv: list[str] | None = None) -> int:
                         "consolidation": hu_pool([s for s in gen_cache if s["name"] in matched_names], 2)}}
 
     summary = summarize(mosmed, gen_matched, medseg, gen_slices)
+    pooled = {}
+    for src, rows in (("real", mosmed), ("generator", gen_matched)):
+        sizes = np.concatenate([np.asarray(r["component_ml"], dtype=np.float64) for r in rows])
+        pooled[src] = describe(sizes[sizes >= 0.1])
+    summary["pooled_component_ml_min"] = {"label": "volume of components >= 0.1 ml, pooled (ml)", **pooled}
     print(f"\nMosMed CT-1 masks: {len(mosmed)} studies; generator matched by lesion volume: {len(gen_matched)}; "
           f"MedSeg slices: {len(medseg)}; generator slices: {len(gen_slices_all)} (load-matched {len(gen_slices)}); "
           f"slice pixel size from a {width_mm:.0f} mm left-right lung extent\n")
     print(format_table(["statistic (median [IQR])", "real", "generator"], table_rows(summary)))
+    print(f"\n{pooled_label(summary)}")
     if partial:
         sweep_low = [r for r in gen_sweep if r["requested_percent"] <= 10]
         print(f"\nMosMed study_0255 ({partial['load_percent']:.1f} % of the lung mask's slices 0-24): subpleural "
