@@ -139,6 +139,15 @@ def model_checksum(bundle: str | os.PathLike | None) -> str:
     return str(info.get("sha256", ""))
 
 
+def run_key(bundle: str | os.PathLike | None) -> str:
+    """What of a bundle enters a run's fingerprint: the model's SHA-256 and the digest of its calibration and
+    method parameters (:attr:`pipelines.bundle.LoadedModel.settings_digest`)."""
+    from pipelines.bundle import settings_digest
+
+    info = json.loads((bundle_path(bundle) / "models" / "model.json").read_text())
+    return f"{info.get('sha256', '')}:{settings_digest(info)}"
+
+
 def inference_bundle(bundle_root: str | os.PathLike | None) -> str | None:
     """The bundle a MONAI ``inference.json`` run uses: ``bundle_root`` when it holds a trained model.
 
@@ -163,7 +172,7 @@ def _get_model(config: PipelineConfig) -> LoadedModel | None:
     """The model for ``config`` from this process's cache, loaded on first use."""
     if config.method == "density":
         return None
-    key = (str(bundle_path(config.bundle).resolve()), model_checksum(config.bundle), str(config.device))
+    key = (str(bundle_path(config.bundle).resolve()), run_key(config.bundle), str(config.device))
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
@@ -386,7 +395,7 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         config.bundle = None  # the attenuation baseline uses no model
     else:
         config.bundle = str(bundle_path(config.bundle).resolve())
-        checksum = model_checksum(config.bundle)
+        checksum = run_key(config.bundle)
     truth_table = None
     if truth is not None:
         from pipelines.report import read_truth

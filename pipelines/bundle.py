@@ -132,6 +132,23 @@ class LoadedModel:
     def calibration(self) -> dict:
         return dict(self.info.get("calibration", {}))
 
+    def method_defaults(self, method: str) -> dict:
+        """The bundle's own parameters of an attribution method (``model.json`` ``method_params``), which
+        ``--param`` overrides: e.g. the IBA ``beta`` its calibration was fitted with."""
+        return dict(self.info.get("method_params", {}).get(method, {}))
+
+    @property
+    def settings_digest(self) -> str:
+        """Short hash of what in ``model.json`` changes results besides the weights (calibration and method
+        parameters): part of a run's fingerprint, so that a recalibrated bundle reruns finished studies."""
+        return settings_digest(self.info)
+
+
+def settings_digest(info: dict) -> str:
+    """See :attr:`LoadedModel.settings_digest`."""
+    keys = {k: info.get(k) for k in ("calibration", "method_params")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
 
 def load_model(bundle: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Load the trained classifier of a bundle, verifying its checksum.

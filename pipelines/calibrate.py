@@ -3,8 +3,11 @@
 Studies with known lesion percentages (or grades) are run once up to the study-normalized
 heatmap; then every combination of lesion rule, threshold, minimum lesion volume and (for the
 relative density rule and the density method) the rise above the study's normal lung level is scored by
-how well it reproduces the known loads: mean absolute error of the lesion percent where percents
-are known, else the share of wrong grades. The best values are written into the bundle's
+how well it reproduces the known loads: mean absolute error of the lesion percent plus
+:data:`GRADE_ERROR_POINTS` per wrong grade (a study with no lesion read as CT-1 by a few false voxels is
+a wrong answer that the percent error alone barely sees), or the share of wrong grades where only
+grades are known. The study call (the study probability below which a study has no lesion) is fitted
+on the same grid. The best values are written into the bundle's
 ``models/model.json`` under ``calibration.methods.<method>``, which ``ctseverity run`` uses.
 """
 
@@ -32,12 +35,16 @@ from pipelines.severity import LESION_RULES, abnormal_attenuation, normal_lung_l
 from pipelines.study import PipelineConfig, compute_evidence, resolve_calibration
 
 __all__ = ["CalibrationFit", "fit_calibration", "write_calibration", "register", "run_calibrate",
-           "THRESHOLDS", "MIN_VOLUMES", "DELTAS"]
+           "THRESHOLDS", "MIN_VOLUMES", "DELTAS", "STUDY_CALLS", "GRADE_ERROR_POINTS"]
 
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: rises above the normal lung level tried for the relative density rule (HU)
 DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)
+#: study calls tried (0: every study may have lesions)
+STUDY_CALLS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: lesion-% points added to the objective per wrong grade
+GRADE_ERROR_POINTS = 10.0
 
 
 @dataclass
@@ -50,6 +57,7 @@ class CalibrationFit:
     lesion_rule: str
     slice_gate: float
     density_delta_hu: float | None
+    study_call: float
     mae_percent: float
     grade_accuracy: float
     n_studies: int
@@ -57,7 +65,8 @@ class CalibrationFit:
     per_study: list = field(default_factory=list)
 
     def values(self) -> dict:
-        vals = {"min_lesion_ml": self.min_lesion_ml, "lesion_rule": self.lesion_rule, "slice_gate": self.slice_gate}
+        vals = {"min_lesion_ml": self.min_lesion_ml, "lesion_rule": self.lesion_rule, "slice_gate": self.slice_gate,
+                "study_call": self.study_call}
         if self.threshold is not None:
             vals["threshold"] = self.threshold
         if self.density_delta_hu is not None:
@@ -78,66 +87,83 @@ def _score(pred_pct: np.ndarray, truth: list[dict]) -> tuple[float, float, float
     acc = float(np.mean([g == tg for g, tg in known])) if known else float("nan")
     has_pct = ~np.isnan(t_pct)
     mae = float(np.mean(np.abs(pred_pct[has_pct] - t_pct[has_pct]))) if has_pct.any() else float("nan")
-    objective = mae if has_pct.any() else 100.0 * (1.0 - acc)
+    if has_pct.any():
+        objective = mae + (GRADE_ERROR_POINTS * (1.0 - acc) if known else 0.0)
+    else:
+        objective = 100.0 * (1.0 - acc)
     return objective, mae, (0.0 if np.isnan(acc) else acc)
 
 
 def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slice_gate: float,
                     thresholds: Sequence[float] = THRESHOLDS, min_volumes: Sequence[float] = MIN_VOLUMES,
-                    rules: Sequence[str] = LESION_RULES, deltas: Sequence[float] = DELTAS) -> CalibrationFit:
-    """Grid search over lesion rule x threshold x minimum lesion volume (x density delta).
+                    rules: Sequence[str] = LESION_RULES, deltas: Sequence[float] = DELTAS,
+                    study_calls: Sequence[float] = STUDY_CALLS) -> CalibrationFit:
+    """Grid search over lesion rule x threshold x minimum lesion volume x study call (x density delta).
 
     Args:
         evidence: per study, a :class:`pipelines.study.Evidence`.
         truth: per study, ``{"lesion_percent", "grade"}``.
         method: the attribution method (``density`` has no threshold, only the delta).
         slice_gate: the slice gate the evidence was computed with (recorded).
-        thresholds, min_volumes, rules, deltas: the grid.
+        thresholds, min_volumes, rules, deltas, study_calls: the grid (``density`` has no study call).
 
     Returns:
         The best :class:`CalibrationFit`, with the best fit of each rule in ``per_rule``.
     """
     if method == "density":
-        rules, thresholds = ("density",), (None,)
+        rules, thresholds, study_calls = ("density",), (None,), (0.0,)
     n = len(evidence)
+    probs = np.array([0.0 if np.isnan(ev.study_probability) else ev.study_probability for ev in evidence])
     lung_vox = np.array([float(ev.lung.sum()) for ev in evidence])
     voxel_ml = np.array([float(np.prod(ev.spacing)) / 1000.0 for ev in evidence])
     levels = [normal_lung_level(ev.hu, ev.lung, ev.spacing) for ev in evidence] \
         if any(r in ("density", "heatmap-relative") for r in rules) else []
+    # everything below looks at lung voxels only: work in each study's lung box (labelling the full
+    # volume ~1600 times is what made the grid slow)
+    boxes = [ndi.find_objects(ev.lung.astype(np.uint8))[0] if ev.lung.any() else (slice(0, 0),) * ev.lung.ndim
+             for ev in evidence]
+    lungs = [ev.lung[b] for ev, b in zip(evidence, boxes)]
+    heats = [ev.heat[b] for ev, b in zip(evidence, boxes)]
     best_by_rule: dict[str, tuple] = {}
-    for rule in rules:
-        for delta in (deltas if rule in ("density", "heatmap-relative") else (None,)):
-            if rule == "heatmap-density":
-                dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing) for ev in evidence]
-            elif delta is not None:
-                dens = [relative_attenuation(ev.hu, ev.lung, ev.spacing, delta, level=levels[i])
-                        for i, ev in enumerate(evidence)]
-            else:
-                dens = [None] * n
-            for thr in thresholds:
-                sizes = []
-                for i, ev in enumerate(evidence):
-                    m = dens[i] if rule == "density" else (ev.heat >= thr) & (ev.heat > 0) & ev.lung
-                    if rule in ("heatmap-density", "heatmap-relative"):
-                        m = m & dens[i]
-                    sizes.append(_component_sizes(m))
-                for vmin in min_volumes:
-                    pct = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i]
+    grid = [(rule, delta) for rule in rules
+            for delta in (deltas if rule in ("density", "heatmap-relative") else (None,))]
+    for rule, delta in tqdm(grid, desc=f"fit ({method})", unit="rule", leave=False):
+        if rule == "heatmap-density":
+            dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing)[b] for ev, b in zip(evidence, boxes)]
+        elif delta is not None:
+            dens = [relative_attenuation(ev.hu, ev.lung, ev.spacing, delta, level=levels[i])[boxes[i]]
+                    for i, ev in enumerate(evidence)]
+        else:
+            dens = [None] * n
+        for thr in thresholds:
+            sizes = []
+            for i in range(n):
+                m = dens[i] if rule == "density" else (heats[i] >= thr) & (heats[i] > 0) & lungs[i]
+                if rule in ("heatmap-density", "heatmap-relative"):
+                    m = m & dens[i]
+                sizes.append(_component_sizes(m))
+            for vmin in min_volumes:
+                pct_all = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i]
                                     for i, s in enumerate(sizes)])
+                for call in study_calls:
+                    pct = np.where(probs < call, 0.0, pct_all)
                     obj, mae, acc = _score(pct, list(truth))
-                    cand = (obj, -acc, thr, vmin, mae, acc, pct, delta)
+                    cand = (obj, -acc, thr, vmin, mae, acc, pct, delta, call)
                     if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
                         best_by_rule[rule] = cand
     best_rule = min(best_by_rule, key=lambda r: best_by_rule[r][:2])
-    obj, _, thr, vmin, mae, acc, pct, delta = best_by_rule[best_rule]
-    per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "mae_percent": round(v[4], 3),
+    obj, _, thr, vmin, mae, acc, pct, delta, call = best_by_rule[best_rule]
+    per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "study_call": v[8], "mae_percent": round(v[4], 3),
                     "grade_accuracy": round(v[5], 3), **({"density_delta_hu": v[7]} if v[7] is not None else {})}
                 for r, v in best_by_rule.items()}
     per_study = [{"lesion_percent": round(float(p), 3), "grade": grade_from_percent(min(100.0, float(p))),
-                  "truth_percent": t["lesion_percent"], "truth_grade": t["grade"]} for p, t in zip(pct, truth)]
+                  "truth_percent": t["lesion_percent"], "truth_grade": t["grade"],
+                  "study_probability": round(float(q), 4)}
+                 for p, t, q in zip(pct, truth, probs)]
     return CalibrationFit(method, None if thr is None else float(thr), float(vmin),
                           "heatmap-relative" if best_rule == "density" else best_rule, float(slice_gate),
-                          None if delta is None else float(delta), float(mae), float(acc), n, per_rule, per_study)
+                          None if delta is None else float(delta), float(call), float(mae), float(acc), n, per_rule,
+                          per_study)
 
 
 def write_calibration(bundle: str | os.PathLike, fit: CalibrationFit, data_note: str = "") -> Path:
@@ -148,7 +174,8 @@ def write_calibration(bundle: str | os.PathLike, fit: CalibrationFit, data_note:
     cal.setdefault("methods", {})[fit.method] = {
         **fit.values(),
         "fit": {"mae_percent": round(fit.mae_percent, 3), "grade_accuracy": round(fit.grade_accuracy, 3),
-                "n_studies": fit.n_studies, "per_rule": fit.per_rule, "data": data_note},
+                "n_studies": fit.n_studies, "per_rule": fit.per_rule, "data": data_note,
+                "objective": f"MAE + {GRADE_ERROR_POINTS:g} points per wrong grade"},
     }
     atomic_write_text(path, json.dumps(info, indent=2, sort_keys=True))
     return path
@@ -173,15 +200,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
     fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate)
     rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"],
-             v.get("density_delta_hu", "-"), v["mae_percent"], v["grade_accuracy"]] for r, v in fit.per_rule.items()]
-    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "density_delta_hu", "mae_percent",
+             v.get("density_delta_hu", "-"), v["study_call"], v["mae_percent"], v["grade_accuracy"]]
+            for r, v in fit.per_rule.items()]
+    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "density_delta_hu", "study_call", "mae_percent",
                         "grade_accuracy"], rows))
     print()
-    print(format_table(["study", "lesion_percent", "grade", "truth_percent", "truth_grade"],
-                       [[s.study, d["lesion_percent"], d["grade"], d["truth_percent"], d["truth_grade"]]
-                        for s, d in zip(studies, fit.per_study)]))
+    print(format_table(["study", "study_probability", "lesion_percent", "grade", "truth_percent", "truth_grade"],
+                       [[s.study, d["study_probability"], d["lesion_percent"], d["grade"], d["truth_percent"],
+                         d["truth_grade"]] for s, d in zip(studies, fit.per_study)]))
     delta = "" if fit.density_delta_hu is None else f", density delta {fit.density_delta_hu:g} HU"
-    print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml{delta} "
+    print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml{delta}, "
+          f"study call {fit.study_call:g} "
           f"(MAE {fit.mae_percent:.2f} points, grade accuracy {fit.grade_accuracy:.2f}, {fit.n_studies} studies)")
     if args.dry_run:
         return 0

@@ -81,7 +81,8 @@ def check_params(method: str, params: dict) -> None:
 
 
 def make_attributor(method: str, model: LoadedModel, **params: object) -> Attributor:
-    """The attributor ``method`` for the model of a bundle (IBA gets the bundle's feature estimator).
+    """The attributor ``method`` for the model of a bundle (IBA gets the bundle's feature estimator; the
+    bundle's own method parameters apply unless ``params`` override them).
 
     Raises:
         ValueError: unknown method, or IBA without an estimator in the bundle.
@@ -90,4 +91,4 @@ def make_attributor(method: str, model: LoadedModel, **params: object) -> Attrib
         raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "iba" and model.iba_estimator is None:
         raise ValueError(f"the bundle {model.bundle} has no IBA feature estimator (models/iba_estimator.pt)")
-    return METHODS[method](model, **params)
+    return METHODS[method](model, **{**model.method_defaults(method), **params})

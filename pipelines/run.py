@@ -94,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         threshold=getattr(args, "threshold", None),
         min_lesion_ml=getattr(args, "min_lesion_ml", None),
         density_delta_hu=getattr(args, "density_delta_hu", None),
+        study_call=getattr(args, "study_call", None),
         batch_size=getattr(args, "batch_size", None) or 16,
     ).validate()
 
@@ -192,6 +193,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--density-delta", dest="density_delta_hu", type=float, metavar="HU",
                    help="rise above the study's normal lung level counted as abnormal, for heatmap-relative and "
                         "--method density (default: the bundle's)")
+    p.add_argument("--study-call", dest="study_call", type=float, metavar="P",
+                   help="study probability below which a study has no lesion (CT-0), in [0, 1]; 0 = off "
+                        "(default: the bundle's)")
     p.add_argument("--param", action="append", default=None, metavar="METHOD.KEY=VALUE",
                    help="attributor parameter for --method (repeatable; JSON values), e.g. "
                         "iba.autocast_dtype=bfloat16 or igospp.iterations=5")

@@ -67,7 +67,8 @@ def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
 
 
 def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
-                         hu_range: Sequence[float] = DENSITY_HU, vessel_radius_mm: float = 2.0) -> np.ndarray:
+                         hu_range: Sequence[float] = DENSITY_HU, vessel_radius_mm: float = 2.0,
+                         smooth_mm: float = 1.0) -> np.ndarray:
     """Lung voxels of abnormal attenuation with vessels removed (boolean, same grid).
 
     Args:
@@ -77,17 +78,28 @@ def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch
         hu_range: attenuation counted as abnormal.
         vessel_radius_mm: structures thinner than about twice this radius (vessels, fissures,
             airway walls) are removed by a morphological opening in the axial plane.
+        smooth_mm: Gaussian sigma of the smoothing before the threshold, as in
+            :func:`relative_attenuation`: a sharp lung kernel's noise (tens of HU, voxel to voxel)
+            scatters ground glass out of the band, and the opening then erases what is left (20 %
+            inserted ground glass and consolidation under a B70f-like kernel: 3.5 % of the lung read
+            raw, 22.5 % after 1 mm; 16.4 and 23.5 % under a smooth kernel). 0: the raw CT.
 
     Returns:
         Boolean mask of abnormal lung parenchyma.
     """
     img, m = _np(ct), _np(lung) > 0
-    dense = m & (img >= hu_range[0]) & (img <= hu_range[1])
+    out = np.zeros(m.shape, dtype=bool)
+    if not m.any():
+        return out
+    box = _lung_box(m)
+    sm = _smoothed(img[box], spacing, smooth_mm)
+    dense = m[box] & (sm >= hu_range[0]) & (sm <= hu_range[1])
     if vessel_radius_mm > 0:
         # open slice by slice with an in-plane disc: thin tubes vanish, blobs stay
         disc = _ball(vessel_radius_mm, spacing[:2])[:, :, None]
         dense = ndi.binary_opening(dense, structure=disc)
-    return dense & m
+    out[box] = dense & m[box]
+    return out
 
 
 def _lung_box(m: np.ndarray, margin: int = 2) -> tuple[slice, ...]:

@@ -45,7 +45,7 @@ __all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complet
 
 #: used when a bundle carries no calibration
 DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-relative", "slice_gate": 0.5,
-                       "density_delta_hu": DEFAULT_DELTA_HU}
+                       "density_delta_hu": DEFAULT_DELTA_HU, "study_call": 0.0}
 
 
 @dataclass
@@ -65,6 +65,9 @@ class PipelineConfig:
         density_delta_hu: rise above the study's normal lung level counted as abnormal (rule
             ``heatmap-relative`` and method ``density``).
         slice_gate: slices whose lesion probability is below this contribute no lesion.
+        study_call: a study whose probability (mean of its top 10 % slice probabilities) is below this has
+            no lesion (CT-0): the classifier decides whether there is disease, the heatmap where and how
+            much. 0 turns the call off; not used by ``density``.
         batch_size: slices per attribution batch.
         seed: seed for stochastic methods (IBA noise, iGOS++ noise).
         overview: write ``overview.png``.
@@ -80,6 +83,7 @@ class PipelineConfig:
     min_lesion_ml: float | None = None
     density_delta_hu: float | None = None
     slice_gate: float | None = None
+    study_call: float | None = None
     batch_size: int = 16
     seed: int = 0
     overview: bool = True
@@ -99,6 +103,8 @@ class PipelineConfig:
             raise ValueError(f"minimum lesion volume must be >= 0, got {self.min_lesion_ml}")
         if self.density_delta_hu is not None and not 0.0 < self.density_delta_hu < 1500.0:
             raise ValueError(f"density delta must be between 0 and 1500 HU, got {self.density_delta_hu}")
+        if self.study_call is not None and not 0.0 <= self.study_call <= 1.0:
+            raise ValueError(f"study call must be in [0, 1], got {self.study_call}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         return self
@@ -117,7 +123,7 @@ def resolve_calibration(config: PipelineConfig, model: LoadedModel | None) -> di
         bundle_cal = model.calibration
         cal.update({k: v for k, v in bundle_cal.items() if k in cal})
         cal.update(bundle_cal.get("methods", {}).get(config.method, {}))
-    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate", "density_delta_hu"):
+    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate", "density_delta_hu", "study_call"):
         if getattr(config, key) is not None:
             cal[key] = getattr(config, key)
     return cal
@@ -222,7 +228,9 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
 
 
 def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
-    """The lesion mask of a study's evidence under a calibration (threshold, rule, minimum volume)."""
+    """The lesion mask of a study's evidence under a calibration (study call, threshold, rule, minimum volume)."""
+    if method != "density" and evidence.study_probability < cal.get("study_call", 0.0):
+        return np.zeros(evidence.lung.shape, dtype=bool)
     if method == "density":
         return remove_small_components(evidence.heat > 0, evidence.spacing, cal["min_lesion_ml"])
     return lesion_mask_from_heatmap(evidence.heat, evidence.lung, cal["threshold"], cal["lesion_rule"],
@@ -283,12 +291,14 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "input": str(study.path),
         "status": "ok",
         "method": config.method,
-        "method_params": dict(config.method_params),
+        "method_params": {**(model.method_defaults(config.method) if model is not None else {}),
+                          **config.method_params},
         "lesion_rule": rule,
         "threshold": None if dens else cal["threshold"],
         "min_lesion_ml": cal["min_lesion_ml"],
         "density_delta_hu": cal["density_delta_hu"] if dens or cal["lesion_rule"] == "heatmap-relative" else None,
         "slice_gate": None if dens else cal["slice_gate"],
+        "study_call": None if dens else cal["study_call"],
         "model": None if model is None else {"bundle": str(model.bundle), "sha256": model.checksum},
         **sev.to_dict(),
         "study_probability": None if np.isnan(ev.study_probability) else round(ev.study_probability, 5),
@@ -297,7 +307,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "shape": [int(s) for s in ev.ct.meta["spatial_shape"]],
         "timings_s": {k: round(v, 3) for k, v in t.items()},
         "versions": _versions(),
-        "fingerprint": config.fingerprint(model.checksum if model is not None else ""),
+        "fingerprint": config.fingerprint(f"{model.checksum}:{model.settings_digest}" if model is not None else ""),
         "outputs": outputs,
     }
     atomic_write_text(sdir / "result.json", json.dumps(result, indent=2))

@@ -48,6 +48,7 @@ def test_run_prints_table_agreement_and_report(tiny_studies, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--threshold", "1.5"], "threshold must be in [0, 1]"),
+        (["--study-call", "-0.1"], "study call must be in [0, 1]"),
         (["--truth", "/no/such/truth.csv"], "truth file not found"),
         (["--workers", "0"], "--workers must be at least 1"),
         (["--method", "hirescam", "--bundle", "/no/such/bundle"], "bundle folder not found"),
@@ -86,6 +87,27 @@ def test_method_parameters_reach_the_attributor_and_the_results(tiny_studies, ti
         "steps": 2, "n_samples": 2}
 
 
+def test_study_call_grades_uncalled_studies_ct0(tiny_studies, tiny_bundle_ungated, tmp_path):
+    """``--study-call``: a study whose probability is below the call has no lesion whatever its heatmap; the
+    call is recorded in result.json and is part of the fingerprint."""
+    import json
+
+    args = ["-q", "run", str(tiny_studies), "--bundle", str(tiny_bundle_ungated), "--method", "hirescam",
+            "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "open"), "--study-call", "0"]) == 0
+    assert main([*args, "--out", str(tmp_path / "called"), "--study-call", "1"]) == 0
+    opened = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "open").glob("*/result.json")}
+    called = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "called").glob("*/result.json")}
+    assert set(opened) == set(called) and any(r["lesion_volume_ml"] > 0 for r in opened.values())
+    for name, res in called.items():
+        assert res["study_call"] == 1.0 and res["fingerprint"] != opened[name]["fingerprint"]
+        assert res["study_probability"] == opened[name]["study_probability"]
+        if res["study_probability"] < 1.0:
+            assert res["lesion_volume_ml"] == 0 and res["grade"] == "CT-0", res
+        else:
+            assert res["lesion_volume_ml"] == opened[name]["lesion_volume_ml"]
+
+
 def test_missing_input_exits_2(tmp_path, capsys):
     assert main(["-q", "run", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--method", "density"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
@@ -118,3 +140,34 @@ def test_demo_writes_studies_truth_and_report(tmp_path, capsys):
     assert [r["study"] for r in read_csv(out / "results.csv")] == ["synth_000_f00", "synth_001_f12"]
     assert "agreement with" in printed and f"report:  {out / 'report.html'}" in printed
     assert "lesion percent scatter" in (out / "report.html").read_text()
+
+
+def test_bundle_method_parameters_and_recalibration_rerun_studies(tiny_studies, tiny_bundle_ungated, tmp_path):
+    """``model.json`` ``method_params`` set the bundle's own attributor parameters (``--param`` overrides them)
+    and go into result.json; changing them, or the calibration, changes the fingerprint, so that a rerun into
+    the same folder redoes the studies instead of keeping results of the old settings."""
+    import json
+    import shutil
+
+    from pipelines.bundle import load_model
+    from pipelines.methods import make_attributor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_ungated, bundle)
+    info_path = bundle / "models" / "model.json"
+    info = json.loads(info_path.read_text())
+    info["method_params"] = {"iba": {"beta": 0.5, "steps": 2, "n_samples": 2}}
+    info_path.write_text(json.dumps(info))
+    model = load_model(bundle)
+    assert make_attributor("iba", model).beta == 0.5
+    assert make_attributor("iba", model, beta=3.0).beta == 3.0
+    out = tmp_path / "out"
+    args = ["-q", "run", str(tiny_studies), "--out", str(out), "--bundle", str(bundle), "--method", "iba"]
+    assert main(args) == 0
+    first = json.loads((out / "synth_001_f20" / "result.json").read_text())
+    assert first["method_params"] == {"beta": 0.5, "steps": 2, "n_samples": 2}
+    info["calibration"]["threshold"] = 0.6
+    info_path.write_text(json.dumps(info))
+    assert main(args) == 0
+    second = json.loads((out / "synth_001_f20" / "result.json").read_text())
+    assert second["threshold"] == 0.6 and second["fingerprint"] != first["fingerprint"]
