@@ -56,6 +56,8 @@ def predict_to_csv(inputs: str | Sequence[str], output_dir: str | Path, bundle: 
 def run_predict(args: argparse.Namespace) -> int:
     studies = find_studies(args.inputs)
     model = load_model(args.bundle, device=args.device)
+    # the bundle's calibrated study call (the study probability below which run grades CT-0), else 0.5
+    call = float(model.calibration.get("study_call") or 0.5)
     rows, slice_rows, failed = [], [], 0
     for st in tqdm(studies, desc="classifying", unit="study", disable=len(studies) < 2):
         try:
@@ -64,10 +66,10 @@ def run_predict(args: argparse.Namespace) -> int:
             failed += 1
             rows.append([st.study, "failed", "-", exc.reason])
             continue
-        rows.append([st.study, res.probability, len(res.stack), "lesion" if res.probability >= 0.5 else "no lesion"])
+        rows.append([st.study, res.probability, len(res.stack), "lesion" if res.probability >= call else "no lesion"])
         if args.slices:
             slice_rows += [[st.study, int(z), float(p)] for z, p in zip(res.stack.indices, res.slice_probs)]
-    print(format_table(["study", "lesion_probability", "slices", "call"], rows))
+    print(format_table(["study", "lesion_probability", "slices", f"call (at {call:g})"], rows))
     if args.slices and slice_rows:
         print()
         print(format_table(["study", "slice", "lesion_probability"], slice_rows))

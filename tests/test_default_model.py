@@ -39,7 +39,7 @@ def _slice_probs_and_labels(model, path, lesion_path=None):
 def test_model_file_matches_its_checksum(model):
     assert sha256_file(EMBEDDED_BUNDLE / "models" / "model.pt") == model.checksum
     assert model.iba_estimator is not None
-    card = (EMBEDDED_BUNDLE / "docs" / "README.md").read_text()
+    card = (EMBEDDED_BUNDLE / "docs" / "README.md").read_text(encoding="utf-8")
     assert f"{model.info['metrics']['slice_auc']:.3f}" in card  # the card carries the model's own figures
 
 
@@ -66,8 +66,8 @@ def test_slice_auc_on_semisynthetic_real_ct(model, real_semisynthetic, real_ct_p
 
 
 def test_predict_on_real_ct_clean_low_with_lesions_high(real_semisynthetic, real_ct_path, capsys):
-    """``ctseverity predict`` on the real chest CT: a low study probability without lesions, a high
-    one with 30 % inserted lesions (the input's surroundings flattened as model.json says)."""
+    """``ctseverity predict`` on the real chest CT: a study probability under the bundle's study call without
+    lesions, a high one with 30 % inserted lesions (the input's surroundings flattened as model.json says)."""
     from pipelines.cli import main
 
     assert load_model().flatten_beyond_mm == 4.0
@@ -78,5 +78,7 @@ def test_predict_on_real_ct_clean_low_with_lesions_high(real_semisynthetic, real
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("chest_ct_00", "real_"))}
     assert set(rows) == {"chest_ct_00", "real_002_f30"}
     clean, lesions = float(rows["chest_ct_00"][1]), float(rows["real_002_f30"][1])
-    assert clean < 0.5 and " ".join(rows["chest_ct_00"][3:]) == "no lesion", rows
+    call = load_model().calibration["study_call"]
+    assert f"call (at {call:g})" in out
+    assert clean < call and " ".join(rows["chest_ct_00"][3:]) == "no lesion", rows
     assert lesions > 0.9 and rows["real_002_f30"][3] == "lesion", rows

@@ -45,16 +45,16 @@ def test_guided_training_writes_a_bundle_that_run_uses(guided_data, tmp_path, ca
     training = model.info["training"]
     assert training["source_sha256"] == source.checksum
     guided = training["guided"]
-    assert guided["layer"] == "features.denseblock4"
+    assert guided["layer"] == "features.denseblock2"
     assert (guided["r"], guided["alpha"], guided["sigma"], guided["beta"], guided["mu"]) == (0.35, 1000.0, 1.0,
                                                                                              1.0, 2.0)
     assert 0.0 <= model.info["metrics"]["slice_auc"] <= 1.0
-    assert guided["train_from"] == "features.denseblock4" and guided["trainable"] is None
+    assert guided["train_from"] == "features.denseblock2" and guided["trainable"] is None
     changed = [k for k, v in model.network.state_dict().items()
                if v.is_floating_point() and not torch.equal(v, source.network.state_dict()[k])]
     assert changed and all("running_" not in k for k in changed)  # fine-tuned in eval mode
     # only the guided layer's block and what follows it are updated
-    assert all(k.startswith(("features.denseblock4.", "features.norm5.", "class_layers.")) for k in changed)
+    assert all(k.startswith(("features.denseblock2.", "features.norm5.", "class_layers.")) for k in changed)
 
     run_out = tmp_path / "run"
     study = guided_data / "synth_001_f35.nii.gz"
