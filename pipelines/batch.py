@@ -140,12 +140,11 @@ def model_checksum(bundle: str | os.PathLike | None) -> str:
 
 
 def run_key(bundle: str | os.PathLike | None) -> str:
-    """What of a bundle enters a run's fingerprint: the model's SHA-256 and the digest of its calibration and
-    method parameters (:attr:`pipelines.bundle.LoadedModel.settings_digest`)."""
-    from pipelines.bundle import settings_digest
+    """What of a bundle enters a run's fingerprint (:func:`pipelines.bundle.run_key`; reads ``model.json``
+    only)."""
+    from pipelines.bundle import run_key as _run_key
 
-    info = json.loads((bundle_path(bundle) / "models" / "model.json").read_text())
-    return f"{info.get('sha256', '')}:{settings_digest(info)}"
+    return _run_key(json.loads((bundle_path(bundle) / "models" / "model.json").read_text()))
 
 
 def inference_bundle(bundle_root: str | os.PathLike | None) -> str | None:

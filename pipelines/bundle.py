@@ -138,16 +138,17 @@ class LoadedModel:
         return dict(self.info.get("method_params", {}).get(method, {}))
 
     @property
-    def settings_digest(self) -> str:
-        """Short hash of what in ``model.json`` changes results besides the weights (calibration and method
-        parameters): part of a run's fingerprint, so that a recalibrated bundle reruns finished studies."""
-        return settings_digest(self.info)
+    def run_key(self) -> str:
+        """What of the bundle enters a run's fingerprint (:func:`run_key`)."""
+        return run_key(self.info)
 
 
-def settings_digest(info: dict) -> str:
-    """See :attr:`LoadedModel.settings_digest`."""
+def run_key(info: dict) -> str:
+    """The model's SHA-256 and a short hash of what else in ``model.json`` changes results (calibration and
+    method parameters): part of a run's fingerprint, so that a recalibrated bundle reruns finished studies."""
     keys = {k: info.get(k) for k in ("calibration", "method_params")}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{info.get('sha256', '')}:{digest}"
 
 
 def load_model(bundle: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:

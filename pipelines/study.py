@@ -183,11 +183,13 @@ class Evidence:
 
 
 def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
-                     density_delta_hu: float = DEFAULT_DELTA_HU) -> Evidence:
+                     density_delta_hu: float = DEFAULT_DELTA_HU, study_call: float = 0.0) -> Evidence:
     """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
 
     For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1): lung voxels
-    ``density_delta_hu`` above the study's normal lung level.
+    ``density_delta_hu`` above the study's normal lung level. A study whose probability is below
+    ``study_call`` has no lesion whatever its maps (:func:`lesion_mask`), so its slices are not attributed
+    and its heatmap is zero (calibration passes 0 to see every study's maps).
     """
     from monai_ext.transforms.slices import extract_slices, paste_slices
 
@@ -216,7 +218,8 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
     probs = predict_slices(model.network, stack.images, batch_size=max(config.batch_size, 32), device=model.device)
     t["classify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    maps = _attribute(model, config, stack.images, probs, slice_gate)
+    p_study = study_probability(probs)
+    maps = _attribute(model, config, stack.images, probs, slice_gate if p_study >= study_call else float("inf"))
     t["attribution"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     raw = paste_slices(maps, stack).numpy() * lung
@@ -224,7 +227,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
     heat = np.asarray(normalize_study(raw, lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
     t["normalize"] = time.perf_counter() - t0
     slice_info = [{"index": int(z), "probability": round(float(p), 5)} for z, p in zip(stack.indices, probs)]
-    return Evidence(ct, hu, lung, heat, spacing, slice_info, study_probability(probs), t)
+    return Evidence(ct, hu, lung, heat, spacing, slice_info, p_study, t)
 
 
 def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
@@ -258,7 +261,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
     cal = resolve_calibration(config, model)
     sdir = Path(out_dir) / study.study
     sdir.mkdir(parents=True, exist_ok=True)
-    ev = compute_evidence(study, config, model, cal["slice_gate"], cal["density_delta_hu"])
+    ev = compute_evidence(study, config, model, cal["slice_gate"], cal["density_delta_hu"], cal["study_call"])
     t = dict(ev.timings)
     t0 = time.perf_counter()
     lesion = lesion_mask(ev, config.method, cal)
@@ -307,7 +310,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "shape": [int(s) for s in ev.ct.meta["spatial_shape"]],
         "timings_s": {k: round(v, 3) for k, v in t.items()},
         "versions": _versions(),
-        "fingerprint": config.fingerprint(f"{model.checksum}:{model.settings_digest}" if model is not None else ""),
+        "fingerprint": config.fingerprint(model.run_key if model is not None else ""),
         "outputs": outputs,
     }
     atomic_write_text(sdir / "result.json", json.dumps(result, indent=2))
