@@ -9,13 +9,16 @@ from __future__ import annotations
 from monai_ext.errors import (
     CorruptImageError,
     CTSeverityError,
+    DamagedImageError,
     InputNotFoundError,
+    InputTooLargeError,
     ModelChecksumError,
     NoDicomSeriesError,
     NoLungFoundError,
     NotAnImageError,
     NotAVolumeError,
     NotCTError,
+    StudyTimeoutError,
 )
 
 __all__ = [
@@ -28,4 +31,7 @@ __all__ = [
     "NoDicomSeriesError",
     "NoLungFoundError",
     "ModelChecksumError",
+    "DamagedImageError",
+    "InputTooLargeError",
+    "StudyTimeoutError",
 ]

@@ -16,6 +16,9 @@ __all__ = [
     "NoDicomSeriesError",
     "NoLungFoundError",
     "ModelChecksumError",
+    "DamagedImageError",
+    "InputTooLargeError",
+    "StudyTimeoutError",
 ]
 
 
@@ -63,3 +66,16 @@ class NoLungFoundError(CTSeverityError, ValueError):
 
 class ModelChecksumError(CTSeverityError, ValueError):
     """A model file does not match the checksum recorded beside it."""
+
+
+class DamagedImageError(CTSeverityError, ValueError):
+    """The voxels are too damaged to repair without changing the result (NaN/inf voxels, missing or
+    conflicting slices, a header that disagrees with the data)."""
+
+
+class InputTooLargeError(CTSeverityError, ValueError):
+    """The header declares an image that does not fit the file or the memory budget."""
+
+
+class StudyTimeoutError(CTSeverityError, TimeoutError):
+    """A study ran past its time limit."""

@@ -110,3 +110,43 @@ def real_semisynthetic(real_ct_path, tmp_path_factory):
     records = write_studies(out, [0, 10, 30, 60, 80], base=real_ct_path, seed=2024, masks=True,
                             lung_backend="threshold", prefix="real", progress=False)
     return out, records
+
+
+@pytest.fixture(scope="session")
+def small_real_ct(real_ct_path):
+    """The real chest CT every 4th pixel and 3rd slice: ``(volume, affine)``, int16 HU (128, 128, 47) in voxel
+    index order (i, j, k) with its 3.9 x 3.9 x 6 mm affine; the whole chest, lung clear of the first and last
+    slice. Read only: tests copy it before changing it."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(str(real_ct_path))
+    vol = np.asarray(img.dataobj)[::4, ::4, ::3].astype(np.int16)
+    vol.setflags(write=False)
+    return vol, img.affine @ np.diag([4.0, 4.0, 3.0, 1.0])
+
+
+#: patient identifiers written into the headers of :func:`dicom_crop_series` (no output but DICOM may hold them)
+TEST_IDENTIFIERS = {"PatientName": "Privacytest^Johanna", "PatientID": "PID-84736251", "PatientBirthDate": "19380517"}
+
+
+@pytest.fixture(scope="session")
+def dicom_crop_series(tmp_path_factory) -> tuple[Path, dict]:
+    """A real DICOM CT series: 24 contiguous slices (1.25 mm, JPEG Lossless, 512x512) of the RICORD COVID-19
+    series through its lesions, with a patient name, ID and birth date written into every header.
+
+    Returns the folder and the identifiers (:data:`TEST_IDENTIFIERS`). Read only.
+    """
+    import pydicom
+
+    from monai_ext.io.reader import dicom_series
+
+    (files,) = dicom_series(shared_file("ricord_1a_000082_covid/dicom")).values()
+    out = tmp_path_factory.mktemp("dicom_crop") / "chest_series"
+    out.mkdir()
+    for k, name in enumerate(files[140:164]):  # position order; the lesions lie in slices 116-195
+        ds = pydicom.dcmread(name)
+        for key, value in TEST_IDENTIFIERS.items():
+            setattr(ds, key, value)
+        ds.save_as(out / f"slice_{k:03d}.dcm")
+    return out, dict(TEST_IDENTIFIERS)

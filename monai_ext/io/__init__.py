@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from monai_ext.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
-from monai_ext.io.ct import MIN_INPLANE, MIN_SLICES, load_ct, validate_ct
+from monai_ext.io.checks import InputReport, default_max_memory, lung_extent_warnings, parse_memory
+from monai_ext.io.ct import MIN_INPLANE, MIN_SLICES, load_ct, read_ct, validate_ct
 from monai_ext.io.reader import SUPPORTED_SUFFIXES, SITKReader, dicom_series, read_sitk_image
 from monai_ext.io.writer import ReferenceGrid, reference_grid, to_reference_grid, write_like
 
@@ -13,6 +14,11 @@ __all__ = [
     "read_sitk_image",
     "dicom_series",
     "load_ct",
+    "read_ct",
+    "InputReport",
+    "default_max_memory",
+    "parse_memory",
+    "lung_extent_warnings",
     "validate_ct",
     "MIN_SLICES",
     "MIN_INPLANE",

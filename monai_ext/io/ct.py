@@ -3,11 +3,14 @@
 :func:`load_ct` reads a study (NIfTI, NRRD/MHA or a DICOM series folder) into a channel-first
 MONAI ``MetaTensor`` in Hounsfield units, keeping everything needed to write results back on the
 input grid, and refuses inputs that cannot be a chest CT with one clear
-:class:`~monai_ext.errors.CTSeverityError` naming the input and the reason.
+:class:`~monai_ext.errors.CTSeverityError` naming the input and the reason. Damaged voxels are
+repaired or refused by the rules of :mod:`monai_ext.io.checks`; :func:`read_ct` also returns what
+was repaired (:class:`~monai_ext.io.checks.InputReport`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,9 +20,12 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 
 from monai_ext.errors import NotAVolumeError, NotCTError
-from monai_ext.io.reader import SITKReader
+from monai_ext.io.checks import InputReport, nifti_nonfinite_mask, repair_nonfinite
+from monai_ext.io.reader import WARNINGS_KEY, SITKReader
 
-__all__ = ["load_ct", "validate_ct", "MIN_SLICES", "MIN_INPLANE"]
+__all__ = ["load_ct", "read_ct", "validate_ct", "MIN_SLICES", "MIN_INPLANE"]
+
+log = logging.getLogger(__name__)
 
 #: fewest slices a study may have
 MIN_SLICES = 3
@@ -30,19 +36,24 @@ MIN_INPLANE = 32
 def validate_ct(image: np.ndarray | torch.Tensor, path: str | os.PathLike | None = None) -> None:
     """Check that ``image`` (channel-first or not) can be a CT volume in Hounsfield units.
 
+    NaN and infinite voxels are left out of the intensity check (:func:`read_ct` repairs or refuses
+    them).
+
     Args:
         image: (X, Y, Z) or (1, X, Y, Z) array.
         path: the input, named in the error message.
 
     Raises:
-        NotAVolumeError: a 2D image, a single slice, several channels, or a tiny grid.
+        NotAVolumeError: a 2D image, a single slice, a 4D image, or a tiny grid.
         NotCTError: intensities without the air and tissue a CT in HU shows (windowed 8-bit
-            images, MR, probability maps, constant volumes).
+            images, MR, probability maps, constant volumes), or no finite value at all.
     """
     shape = tuple(image.shape)
     if len(shape) == 4:
         if shape[0] != 1:
-            raise NotAVolumeError(f"has {shape[0]} channels; a single-channel CT volume is needed", path)
+            dims = "x".join(str(s) for s in shape)
+            raise NotAVolumeError(
+                f"is a 4D image ({dims}: several volumes, e.g. a time series); one 3D CT volume is needed", path)
         shape = shape[1:]
     if len(shape) != 3 or min(shape[:2]) < MIN_INPLANE or shape[2] < MIN_SLICES:
         dims = "x".join(str(s) for s in shape)
@@ -53,8 +64,9 @@ def validate_ct(image: np.ndarray | torch.Tensor, path: str | os.PathLike | None
     if flat.numel() > 2_000_000:  # percentiles of a strided subsample are plenty
         flat = flat[:: flat.numel() // 2_000_000 + 1]
     flat = flat.float()
-    if not bool(torch.isfinite(flat).all()):
-        raise NotCTError("contains NaN or infinite values", path)
+    flat = flat[torch.isfinite(flat)]
+    if flat.numel() == 0:
+        raise NotCTError("contains no finite value (every voxel is NaN or infinite)", path)
     lo, hi = torch.quantile(flat, torch.tensor([0.01, 0.99])).tolist()
     if lo > -500 or hi < -200 or hi - lo < 300:
         raise NotCTError(
@@ -62,9 +74,47 @@ def validate_ct(image: np.ndarray | torch.Tensor, path: str | os.PathLike | None
             "air near -1000 and soft tissue near 0 are expected)", path)
 
 
+def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "RAS",
+            dtype: torch.dtype = torch.float32, max_bytes: int | None = None) -> tuple[MetaTensor, InputReport]:
+    """:func:`load_ct`, and what was repaired on the way.
+
+    Returns:
+        ``(ct, report)``: the volume and its :class:`~monai_ext.io.checks.InputReport` (warnings, and
+        the mask of the voxels repaired from NaN/inf on the returned grid).
+
+    Raises:
+        The errors of :func:`load_ct`.
+    """
+    report = InputReport(path=str(path))
+    reader = SITKReader(series_uid=series_uid, max_bytes=max_bytes)
+    array, meta = reader.get_data(reader.read(str(path)))
+    if not np.isnan(meta.get("original_channel_dim", float("nan"))):
+        raise NotAVolumeError("has several components per voxel (a colour image?); a CT volume is needed", path)
+    for line in str(meta.pop(WARNINGS_KEY, "")).splitlines():
+        report.warn(line)
+    validate_ct(array, path)
+    nifti_bad = nifti_nonfinite_mask(path) if str(path).lower().endswith((".nii", ".nii.gz")) else None
+    if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
+        array = array.astype(np.float32, copy=False)
+        array[nifti_bad] = np.nan
+    meta["filename_or_obj"] = str(Path(path))
+    img = MetaTensor(torch.from_numpy(array).to(dtype)[None], meta=meta)
+    if orientation is not None:
+        img = Orientation(axcodes=orientation, labels=None)(img)
+    if dtype.is_floating_point and not bool(torch.isfinite(img).all()):
+        img[0] = torch.as_tensor(repair_nonfinite(img.as_tensor()[0].numpy().copy(), report, path=path), dtype=dtype)
+    for w in report.warnings:
+        log.warning("%s: %s", path, w)
+    return img, report
+
+
 def load_ct(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "RAS",
-            dtype: torch.dtype = torch.float32) -> MetaTensor:
+            dtype: torch.dtype = torch.float32, max_bytes: int | None = None) -> MetaTensor:
     """Load a CT study as a channel-first ``MetaTensor`` (1, X, Y, Z) in HU.
+
+    Damage is repaired or refused by the rules of :mod:`monai_ext.io.checks` (NaN/inf voxels, uneven
+    or missing DICOM slices, a header declaring more than the file or the memory budget holds);
+    repairs are logged as warnings (:func:`read_ct` returns them).
 
     Args:
         path: a NIfTI/NRRD/MHA file or a folder with a DICOM series.
@@ -73,6 +123,7 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
             The metadata keeps the original grid, so :func:`monai_ext.io.write_like` writes
             results back on it voxel-exactly.
         dtype: output dtype.
+        max_bytes: memory budget of the study, checked from the header before reading.
 
     Returns:
         The volume with ``affine``, ``original_affine``, ``spatial_shape`` and the SimpleITK
@@ -80,20 +131,11 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
 
     Raises:
         InputNotFoundError, NotAnImageError, CorruptImageError, NoDicomSeriesError,
-        NotAVolumeError, NotCTError: with the input named and the reason.
+        NotAVolumeError, NotCTError, DamagedImageError, InputTooLargeError: with the input named and the reason.
 
     Example::
 
         ct = load_ct("study_0001.nii.gz")
         ct.shape, ct.pixdim   # (1, 512, 512, 141), tensor([0.98, 0.98, 2.0])
     """
-    reader = SITKReader(series_uid=series_uid)
-    array, meta = reader.get_data(reader.read(str(path)))
-    if not np.isnan(meta.get("original_channel_dim", float("nan"))):
-        raise NotAVolumeError("has several components per voxel (a colour image?); a CT volume is needed", path)
-    validate_ct(array, path)
-    meta["filename_or_obj"] = str(Path(path))
-    img = MetaTensor(torch.from_numpy(array).to(dtype)[None], meta=meta)
-    if orientation is not None:
-        img = Orientation(axcodes=orientation, labels=None)(img)
-    return img
+    return read_ct(path, series_uid, orientation, dtype, max_bytes)[0]

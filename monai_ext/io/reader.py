@@ -26,12 +26,15 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from monai_ext.errors import CorruptImageError, InputNotFoundError, NoDicomSeriesError, NotAnImageError
+from monai_ext.io.checks import InputReport, check_declared_size, nifti_header_guard, regularize_slices
 
-__all__ = ["SITKReader", "SUPPORTED_SUFFIXES", "read_sitk_image", "dicom_series"]
+__all__ = ["SITKReader", "SUPPORTED_SUFFIXES", "WARNINGS_KEY", "read_sitk_image", "dicom_series"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".ima")
+#: image metadata key holding the reader's warnings (repairs made), one per line
+WARNINGS_KEY = "ctseverity|warnings"
 
 #: DICOM tags copied into the metadata when present
 _DICOM_TAGS = {
@@ -56,13 +59,20 @@ def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
-def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, max_bytes: int | None = None
+                    ) -> sitk.Image:
     """Read one image (file or DICOM series folder) into a SimpleITK image.
+
+    The size the header declares is checked against the file and the memory budget before any voxel
+    is read (:func:`monai_ext.io.checks.check_declared_size`). A DICOM series whose slices are
+    duplicated, unevenly spaced or missing is put on an even grid or refused
+    (:func:`monai_ext.io.checks.regularize_slices`); what was repaired is under :data:`WARNINGS_KEY`.
 
     Args:
         path: a NIfTI, NRRD, MHA/MHD or DICOM file, or a folder holding a DICOM series.
         series_uid: for a folder with several series, the one to read; by default the series
             with the most slices.
+        max_bytes: memory budget of one study (``None``: no budget).
 
     Returns:
         The SimpleITK image; DICOM series carry their metadata dictionary of the first slice and
@@ -73,12 +83,17 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None) -> s
         NoDicomSeriesError: a folder without a DICOM series, or without the series asked for.
         NotAnImageError: a file in a format that no reader understands.
         CorruptImageError: a file that looks like an image but cannot be decoded.
+        InputTooLargeError: the declared image does not fit the file or the budget.
+        DamagedImageError: a DICOM series whose slices cannot be put on an even grid.
     """
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError("no such file or folder", p)
     if p.is_dir():
-        return _read_series(p, series_uid)
+        return _read_series(p, series_uid, max_bytes)
+    is_nifti = _lower_name(p).endswith((".nii", ".nii.gz"))
+    if is_nifti:
+        nifti_header_guard(p, max_bytes)
     if _lower_name(p).endswith(".gz"):
         _check_gzip(p)
     try:
@@ -88,13 +103,22 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None) -> s
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _classify(exc, p) from None
+    if not is_nifti:
+        _check_budget(p, reader.GetSize(), reader.GetPixelID(), reader.GetNumberOfComponents(), max_bytes)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise CorruptImageError(f"cannot decode the image data ({_first_line(exc)})", p) from None
 
 
-def _read_series(folder: Path, series_uid: str | None) -> sitk.Image:
+def _check_budget(path: Path, size: Sequence[int], pixel_id: int, components: int, max_bytes: int | None) -> None:
+    """:func:`check_declared_size` from what SimpleITK read of a header (no file-size check)."""
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype
+    shape = (*size, components) if components > 1 else tuple(size)
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_bytes)
+
+
+def _read_series(folder: Path, series_uid: str | None, max_bytes: int | None = None) -> sitk.Image:
     series = dicom_series(folder)
     if not series:
         raise NoDicomSeriesError("the folder holds no DICOM series", folder)
@@ -110,13 +134,26 @@ def _read_series(folder: Path, series_uid: str | None) -> sitk.Image:
                 "(pass a series UID to choose another)", folder, len(series), uid, len(series[uid]),
             )
     files = series[uid]
+    try:
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()
+    except RuntimeError as exc:
+        raise CorruptImageError(f"cannot read DICOM series {uid} ({_first_line(exc)})", folder) from None
+    size = first.GetSize()
+    _check_budget(folder, (size[0], size[1], len(files)), first.GetPixelID(), first.GetNumberOfComponents(), max_bytes)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices are reported (and repaired) below
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise CorruptImageError(f"cannot read DICOM series {uid} ({_first_line(exc)})", folder) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    img = _even_slices(img, reader, files, folder)
     for key in reader.GetMetaDataKeys(0):
         if key in _DICOM_TAGS:
             img.SetMetaData(key, reader.GetMetaData(0, key))
@@ -124,6 +161,34 @@ def _read_series(folder: Path, series_uid: str | None) -> sitk.Image:
     img.SetMetaData("ctseverity|n_series", str(len(series)))
     img.SetMetaData("ctseverity|n_files", str(len(files)))
     return img
+
+
+def _even_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, files: Sequence[str], folder: Path) -> sitk.Image:
+    """The series on an even slice grid (:func:`regularize_slices`), with its warnings under :data:`WARNINGS_KEY`."""
+    n = len(files)
+    keys = ("0020|0032", "0020|0037")
+    if n < 2 or img.GetDimension() != 3 or not all(reader.HasMetaDataKey(i, k) for i in range(n) for k in keys):
+        return img
+    try:
+        ipp = np.array([[float(v) for v in reader.GetMetaData(i, keys[0]).split("\\")] for i in range(n)])
+        iop = np.array([float(v) for v in reader.GetMetaData(0, keys[1]).split("\\")])
+    except ValueError:
+        return img
+    if ipp.shape != (n, 3) or iop.shape != (6,):
+        return img
+    normal = np.cross(iop[:3], iop[3:])
+    pos = ipp @ normal
+    report = InputReport(path=str(folder))
+    stack, first, step = regularize_slices(sitk.GetArrayFromImage(img), pos, report, list(files), folder)
+    if not report.warnings:
+        return img
+    out = sitk.GetImageFromArray(stack)
+    spacing = img.GetSpacing()
+    out.SetSpacing((spacing[0], spacing[1], step))
+    out.SetOrigin(tuple(float(v) for v in ipp[int(np.argmin(pos))]))
+    out.SetDirection(tuple(float(v) for v in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
+    out.SetMetaData(WARNINGS_KEY, "\n".join(report.warnings))
+    return out
 
 
 def _check_gzip(path: Path, chunk: int = 1 << 22) -> None:
@@ -168,6 +233,7 @@ class SITKReader(ImageReader):
     Args:
         series_uid: DICOM series to read from a folder with several; default the largest.
         affine_lps_to_ras: express ``affine`` in RAS (MONAI's default, as NibabelReader does).
+        max_bytes: memory budget of one image, checked from its header before reading.
 
     Example::
 
@@ -177,9 +243,11 @@ class SITKReader(ImageReader):
         ct = load("dicom_folder/")   # the series with the most slices
     """
 
-    def __init__(self, series_uid: str | None = None, affine_lps_to_ras: bool = True, **kwargs: object) -> None:
+    def __init__(self, series_uid: str | None = None, affine_lps_to_ras: bool = True, max_bytes: int | None = None,
+                 **kwargs: object) -> None:
         super().__init__()
         self.series_uid = series_uid
+        self.max_bytes = max_bytes
         self.affine_lps_to_ras = affine_lps_to_ras
         self.kwargs = kwargs
 
@@ -195,7 +263,8 @@ class SITKReader(ImageReader):
         """Read one image or a list of images (stacked as channels by :meth:`get_data`)."""
         names = ensure_tuple(data)
         series_uid = kwargs.get("series_uid", self.series_uid)
-        imgs = [read_sitk_image(n, series_uid=series_uid) for n in names]  # type: ignore[arg-type]
+        imgs = [read_sitk_image(n, series_uid=series_uid, max_bytes=self.max_bytes)  # type: ignore[arg-type]
+                for n in names]
         return imgs if len(names) > 1 else imgs[0]
 
     def get_data(self, img: sitk.Image | Sequence[sitk.Image]) -> tuple[np.ndarray, dict]:

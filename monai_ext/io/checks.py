@@ -1,0 +1,484 @@
+"""Checks that damaged input never changes a result silently: each kind of damage is refused with
+its reason or repaired with a warning.
+
+The rules (``docs/input_rules.md`` lists each with its message):
+
+- **resource guard** (:func:`check_declared_size`): the image a header declares must fit the file
+  that holds it and, in memory, a budget (:func:`default_max_memory`); both are checked from the
+  header, before anything is allocated.
+- **non-finite voxels** (:func:`repair_nonfinite`): NaN or infinite voxels outside the body become
+  air (-1000 HU); inside the body at most :data:`MAX_NONFINITE_FRACTION` of the body voxels are
+  filled by linear interpolation along the slice axis, more is refused; after the lung mask, more
+  than :data:`MAX_NONFINITE_FRACTION` of the lung repaired is refused (:meth:`InputReport.check_lung`).
+- **DICOM slice geometry** (:func:`regularize_slices`): duplicated slice positions (identical pixels:
+  one is dropped; different pixels: refused), uneven spacing (resampled to the median spacing) and
+  missing slices (at most :data:`MAX_MISSING_RUN` in a row and :data:`MAX_MISSING_FRACTION` of the
+  series interpolated; more is refused).
+- **lung at the volume's edge** (:func:`lung_extent_warnings`): a lung that reaches the first or last
+  slice or the side of the field of view, or whose volume is implausible for a chest, is warned about.
+
+Example::
+
+    report = InputReport()
+    volume = repair_nonfinite(volume, report, path="study.nii.gz")   # raises DamagedImageError
+    report.warnings                                                   # what was repaired
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from monai_ext.errors import DamagedImageError, InputTooLargeError
+
+__all__ = [
+    "InputReport",
+    "MAX_NONFINITE_FRACTION",
+    "MAX_MISSING_RUN",
+    "MAX_MISSING_FRACTION",
+    "SPACING_TOLERANCE",
+    "BYTES_PER_VOXEL",
+    "default_max_memory",
+    "parse_memory",
+    "format_bytes",
+    "check_declared_size",
+    "nifti_nonfinite_mask",
+    "repair_nonfinite",
+    "regularize_slices",
+    "lung_extent_warnings",
+]
+
+#: largest share of the body (and of the lung) whose voxels may be repaired from NaN/inf
+MAX_NONFINITE_FRACTION = 0.01
+#: most consecutive missing slices of a DICOM series that are interpolated
+MAX_MISSING_RUN = 2
+#: largest share of a DICOM series' slices that may be interpolated
+MAX_MISSING_FRACTION = 0.05
+#: slice steps within this share of the median step count as even
+SPACING_TOLERANCE = 0.05
+#: peak working memory of one study per voxel of its volume, in bytes (a study of N voxels needs about
+#: N x BYTES_PER_VOXEL; measured: a 512x512x141 CT, 37 M voxels, through hirescam peaked at 1.7 GB, about
+#: 35 bytes per voxel above the interpreter and the model)
+BYTES_PER_VOXEL = 48
+#: air, for non-finite voxels outside the body
+AIR_HU = -1000.0
+#: body: voxels above this (HU)
+BODY_HU = -500.0
+#: the deflate format cannot compress more than this (1032:1)
+_MAX_DEFLATE_RATIO = 1032
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40}
+
+
+@dataclass
+class InputReport:
+    """What the checks found in one input: warnings (repairs made) and the voxels repaired.
+
+    Attributes:
+        warnings: one sentence per repair or suspicion, in the order found.
+        repaired: boolean mask of the voxels filled in (on the loaded grid), or ``None`` when none was.
+        path: the input, named in refusals.
+    """
+
+    warnings: list[str] = field(default_factory=list)
+    repaired: np.ndarray | None = None
+    path: str | None = None
+
+    def warn(self, message: str) -> None:
+        """Record a warning (once)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def check_lung(self, lung: np.ndarray) -> None:
+        """Refuse when more than :data:`MAX_NONFINITE_FRACTION` of the lung was repaired from NaN/inf voxels.
+
+        Raises:
+            DamagedImageError: with the share of the lung that was repaired.
+        """
+        if self.repaired is None or self.repaired.shape != lung.shape:
+            return
+        n_lung = int(np.count_nonzero(lung))
+        n_bad = int(np.count_nonzero(self.repaired & lung))
+        if n_lung and n_bad > MAX_NONFINITE_FRACTION * n_lung:
+            raise DamagedImageError(
+                f"{100 * n_bad / n_lung:.1f} % of the lung voxels were NaN or infinite ({n_bad} voxels); more than "
+                f"{100 * MAX_NONFINITE_FRACTION:g} % cannot be repaired without changing the lesion share", self.path)
+        if n_bad:
+            self.warn(f"{100 * n_bad / n_lung:.2f} % of the lung was repaired from NaN/infinite voxels "
+                      f"(at most {100 * MAX_NONFINITE_FRACTION:g} % is accepted)")
+
+
+# ----------------------------------------------------------------------------------------------
+# resource guard
+
+
+def default_max_memory() -> int:
+    """The default memory budget of one study: three quarters of the machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        total = 16 << 30
+    return int(0.75 * total)
+
+
+def parse_memory(text: str | int | float) -> int:
+    """Bytes of a memory size such as ``"8G"``, ``"512MB"`` or ``"1.5g"`` (binary units).
+
+    Raises:
+        ValueError: not a positive size.
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "").removesuffix("ib")
+        num = s.rstrip("kmgtb")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise ValueError(f"not a memory size: {text!r} (e.g. 8G, 512M)")
+        try:
+            value = float(num) * _UNITS[unit]
+        except ValueError:
+            raise ValueError(f"not a memory size: {text!r} (e.g. 8G, 512M)") from None
+    if not value > 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in words: ``"1.2 GB"`` (binary units)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def _shape_text(shape: tuple[int, ...], what: str) -> str:
+    return "x".join(str(int(s)) for s in shape) + f" {what}"
+
+
+def check_declared_size(path: str | os.PathLike, shape: tuple[int, ...], bytes_per_voxel: int, what: str,
+                        max_bytes: int | None, data_offset: int | None = None, file_bytes: int | None = None,
+                        exact: bool = True) -> None:
+    """Refuse an image whose declared size does not fit its file or the memory budget, before reading it.
+
+    Args:
+        path: the input (named in the message).
+        shape: the declared grid (including components).
+        bytes_per_voxel: bytes of one stored voxel.
+        what: the stored voxel type in words (``"int16"``), for the message.
+        max_bytes: memory budget of one study (``None``: no budget check).
+        data_offset: where the voxel data starts in the file, when the whole file is the image's
+            (uncompressed NIfTI); with ``file_bytes`` checks that the data fits the file.
+        file_bytes: bytes of the (uncompressed) file content; ``None`` to skip the file check.
+        exact: ``file_bytes`` is the content's size (else an upper bound of it).
+
+    Raises:
+        InputTooLargeError: the data cannot be in the file, or needs more than ``max_bytes``.
+    """
+    n_vox = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    declared = n_vox * int(bytes_per_voxel)
+    dims = _shape_text(shape, what)
+    size = Path(path).stat().st_size
+    if file_bytes is not None and data_offset is not None and data_offset + declared > file_bytes:
+        raise InputTooLargeError(
+            f"the header declares a {dims} image ({format_bytes(declared)} of voxel data) but the file holds "
+            f"{'' if exact else 'at most '}{format_bytes(max(0, file_bytes - data_offset))} of data "
+            f"({format_bytes(size)} on disk): "
+            "truncated file or wrong header", path)
+    if max_bytes is not None and n_vox * BYTES_PER_VOXEL > max_bytes:
+        raise InputTooLargeError(
+            f"the header declares a {dims} image: processing it needs about {format_bytes(n_vox * BYTES_PER_VOXEL)}, "
+            f"more than the memory budget of {format_bytes(max_bytes)} (--max-memory); the file is "
+            f"{format_bytes(size)}", path)
+
+
+def gzip_content_bound(path: str | os.PathLike) -> int:
+    """An upper bound of the uncompressed size of a gzip file, exact when it is below 4 GiB.
+
+    The gzip trailer holds the uncompressed size modulo 2**32; deflate never compresses more than
+    1032:1, which bounds the size when the trailer may have wrapped around.
+    """
+    size = Path(path).stat().st_size
+    bound = size * _MAX_DEFLATE_RATIO
+    if size < 18:
+        return bound
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        isize = struct.unpack("<I", fh.read(4))[0]
+    return isize if bound < (1 << 32) else bound
+
+
+def nifti_header_guard(path: str | os.PathLike, max_bytes: int | None) -> None:
+    """:func:`check_declared_size` for a NIfTI file (``.nii``/``.nii.gz``), from its header alone.
+
+    Raises:
+        InputTooLargeError: the declared data does not fit the file or the budget.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception:  # noqa: BLE001 - not readable by nibabel: SimpleITK gives the reason
+        return
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    dtype = img.header.get_data_dtype()
+    offset = int(getattr(img.dataobj, "offset", 0))
+    size = Path(path).stat().st_size
+    content = gzip_content_bound(path) if str(path).lower().endswith(".gz") else size
+    exact = content != size * _MAX_DEFLATE_RATIO  # else only the deflate bound is known
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_bytes, data_offset=offset if exact else 0,
+                        file_bytes=content, exact=exact)
+
+
+def nifti_nonfinite_mask(path: str | os.PathLike) -> np.ndarray | None:
+    """Where a floating-point NIfTI file holds NaN or infinite voxels, in voxel index order (i, j, k).
+
+    SimpleITK's NIfTI reader turns NaN and infinite voxels into 0 (soft tissue in HU) without a
+    word, so they are found in the file itself. ``None`` for integer data or when none is there.
+    """
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if img.get_data_dtype().kind not in "fc":
+        return None
+    raw = np.asanyarray(img.dataobj.get_unscaled())
+    bad = ~np.isfinite(raw)
+    del raw
+    while bad.ndim > 3 and bad.shape[-1] == 1:
+        bad = bad[..., 0]
+    return bad if bad.any() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite voxels
+
+
+def _fill_along_z(vol: np.ndarray, bad: np.ndarray) -> None:
+    """Fill ``vol[bad]`` in place by linear interpolation along the last axis between the nearest finite
+    voxels of the same column (the nearest one where there is one side only; air where none)."""
+    xs, ys = np.nonzero(bad.any(axis=2))
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    sub, b = vol[x0:x1, y0:y1], bad[x0:x1, y0:y1]
+    nz = sub.shape[2]
+    z = np.arange(nz, dtype=np.int32)
+    prev = np.maximum.accumulate(np.where(b, -1, z), axis=2)
+    nxt = np.minimum.accumulate(np.where(b, nz, z)[..., ::-1], axis=2)[..., ::-1]
+    has_p, has_n = prev >= 0, nxt < nz
+    vp = np.take_along_axis(sub, np.clip(prev, 0, nz - 1), axis=2)
+    vn = np.take_along_axis(sub, np.clip(nxt, 0, nz - 1), axis=2)
+    w = np.where(has_p & has_n, (z - prev) / np.maximum(nxt - prev, 1), 0.0)
+    filled = np.where(has_p & has_n, vp * (1 - w) + vn * w, np.where(has_p, vp, np.where(has_n, vn, AIR_HU)))
+    sub[b] = filled[b]
+
+
+def _body(vol: np.ndarray) -> np.ndarray:
+    """The body: the largest connected region above :data:`BODY_HU`, holes filled slice by slice."""
+    from scipy import ndimage
+
+    fg = vol > BODY_HU
+    lab, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = lab == int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(body, structure=np.ones((3, 3, 1), bool))
+
+
+def repair_nonfinite(volume: np.ndarray, report: InputReport, extra_bad: np.ndarray | None = None,
+                     path: str | os.PathLike | None = None) -> np.ndarray:
+    """Repair NaN and infinite voxels of a CT volume (X, Y, Z) in HU, or refuse it.
+
+    Rule: the voxels are first filled by linear interpolation along the slice axis (Z) between the
+    nearest finite voxels of their column (air where the column has none). A voxel that then lies
+    inside the body (the largest region above -500 HU, holes filled) counts against the limit: more
+    than :data:`MAX_NONFINITE_FRACTION` of the body is refused; fewer are kept filled, with a warning.
+    Non-finite voxels outside the body (outside the scanner's field of view, the table) keep their
+    fill, air where their column holds no finite value.
+
+    Args:
+        volume: float array (X, Y, Z); changed in place when writable.
+        report: receives the warnings and the repaired mask.
+        extra_bad: voxels known to be non-finite in the file although ``volume`` holds finite values
+            there (:func:`nifti_nonfinite_mask`).
+        path: the input, named in the refusal.
+
+    Returns:
+        The repaired volume.
+
+    Raises:
+        DamagedImageError: no finite voxel at all, or more than the limit inside the body.
+    """
+    bad = ~np.isfinite(volume)
+    if extra_bad is not None and extra_bad.shape == volume.shape:
+        bad |= extra_bad
+    if not bad.any():
+        return volume
+    n_bad = int(bad.sum())
+    if n_bad == bad.size:
+        raise DamagedImageError("every voxel is NaN or infinite", path)
+    vol = volume if volume.flags.writeable else volume.copy()
+    if not np.issubdtype(vol.dtype, np.floating):
+        vol = vol.astype(np.float32)
+    vol[bad] = np.nan
+    _fill_along_z(vol, bad)
+    body = _body(vol)
+    inside = bad & body
+    n_in, n_body = int(inside.sum()), max(int(body.sum()), 1)
+    slices = np.flatnonzero(inside.any(axis=(0, 1)))
+    share = n_in / n_body
+    if share > MAX_NONFINITE_FRACTION:
+        raise DamagedImageError(
+            f"{100 * share:.1f} % of the voxels inside the body are NaN or infinite ({n_in} voxels on "
+            f"{len(slices)} of {vol.shape[2]} slices); more than {100 * MAX_NONFINITE_FRACTION:g} % cannot be "
+            "repaired without changing the result", path)
+    outside = bad & ~body
+    if n_in:
+        report.warn(f"{n_in} NaN/infinite voxels inside the body ({100 * share:.2f} % of it, on {len(slices)} "
+                    "slices) filled by interpolation between slices")
+    if outside.any():
+        report.warn(f"{int(outside.sum())} NaN/infinite voxels outside the body filled (air, {AIR_HU:.0f} HU, where "
+                    "their column holds no value)")
+    report.repaired = inside
+    return vol
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM slice geometry
+
+
+def _mm(v: float) -> str:
+    return f"{v:.2f}".rstrip("0").rstrip(".") + " mm"
+
+
+def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputReport, names: list[str] | None = None,
+                      path: str | os.PathLike | None = None) -> tuple[np.ndarray, float, float]:
+    """Put the slices of a series on an even grid along their normal, or refuse.
+
+    Rules, from the slice positions along the normal (``positions``):
+
+    - two slices at the same position (within 1 % of the median step): the same pixels, one is
+      dropped with a warning; different pixels, refused (two acquisitions in one series);
+    - steps within :data:`SPACING_TOLERANCE` of the median step: nothing to do;
+    - otherwise the stack is resampled to the median step by linear interpolation between the two
+      nearest slices, with a warning; a gap (a step above 1.5 times the median) is
+      ``round(step / median) - 1`` missing slices: more than :data:`MAX_MISSING_RUN` in one gap, or
+      more than :data:`MAX_MISSING_FRACTION` of the resampled slices in all, are refused.
+
+    Args:
+        stack: slices (Z, Y, X) in the order of ``positions``.
+        positions: position of each slice along the slice normal (mm).
+        report: receives the warnings.
+        names: file of each slice, for the messages.
+        path: the series folder, named in refusals.
+
+    Returns:
+        ``(stack, first_position, step)``: the even stack (Z', Y, X), the position of its first slice and
+        its slice step, in mm.
+
+    Raises:
+        DamagedImageError: conflicting duplicates, a gap too wide, too many missing slices.
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    order = np.argsort(pos, kind="stable")
+    pos, stack = pos[order], stack[order]
+    names = [names[i] for i in order] if names is not None else [str(i) for i in range(len(pos))]
+    if len(pos) < 2:
+        return stack, float(pos[0]) if len(pos) else 0.0, 0.0
+    steps = np.diff(pos)
+    positive = steps[steps > 1e-3]
+    if positive.size == 0:
+        raise DamagedImageError(f"all {len(pos)} slices are at the same position ({_mm(pos[0])})", path)
+    med = float(np.median(positive))
+    dup = np.flatnonzero(steps <= max(1e-3, 0.01 * med))
+    keep = np.ones(len(pos), bool)
+    for i in dup:
+        if not np.array_equal(stack[i], stack[i + 1]):
+            raise DamagedImageError(
+                f"two different slices at the same position {_mm(pos[i])} ({Path(names[i]).name}, "
+                f"{Path(names[i + 1]).name}): the series mixes acquisitions; choose one series", path)
+        keep[i + 1] = False
+    if not keep.all():
+        n_dup = int((~keep).sum())
+        report.warn(f"{n_dup} duplicated slice{'s' if n_dup > 1 else ''} (same position and pixels) removed, e.g. "
+                    f"{Path(names[int(dup[0]) + 1]).name} at {_mm(pos[int(dup[0])])}")
+        pos, stack = pos[keep], stack[keep]
+        steps = np.diff(pos)
+        med = float(np.median(steps))
+    if np.all(np.abs(steps - med) <= SPACING_TOLERANCE * med):
+        return stack, float(pos[0]), float((pos[-1] - pos[0]) / (len(pos) - 1))
+    n_new = int(round((pos[-1] - pos[0]) / med)) + 1
+    gaps = np.flatnonzero(steps > 1.5 * med)
+    missing = [int(round(steps[i] / med)) - 1 for i in gaps]
+    n_missing = int(sum(missing))
+    if missing and max(missing) > MAX_MISSING_RUN:
+        i = int(gaps[int(np.argmax(missing))])
+        raise DamagedImageError(
+            f"{max(missing)} slices missing in a row: a gap of {_mm(steps[i])} between {_mm(pos[i])} and "
+            f"{_mm(pos[i + 1])} (slice step {_mm(med)}); at most {MAX_MISSING_RUN} in a row are interpolated", path)
+    if n_missing > MAX_MISSING_FRACTION * n_new:
+        raise DamagedImageError(
+            f"{n_missing} of {n_new} slices missing ({100 * n_missing / n_new:.0f} %, in {len(gaps)} "
+            f"gap{'s' if len(gaps) > 1 else ''}); at most "
+            f"{100 * MAX_MISSING_FRACTION:g} % are interpolated", path)
+    target = pos[0] + med * np.arange(n_new)
+    hi = np.clip(np.searchsorted(pos, target, side="left"), 1, len(pos) - 1)
+    lo = hi - 1
+    w = np.clip((target - pos[lo]) / np.maximum(pos[hi] - pos[lo], 1e-6), 0.0, 1.0).astype(np.float32)
+    out = np.empty((n_new, *stack.shape[1:]), dtype=np.float32)
+    for k in range(n_new):
+        out[k] = (1 - w[k]) * stack[lo[k]] + w[k] * stack[hi[k]]
+    if n_missing:
+        where = ", ".join(_mm(pos[i]) for i in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
+        report.warn(f"{n_missing} missing slice{'s' if n_missing > 1 else ''} (gaps after {where}) filled by "
+                    f"interpolation between their neighbours; the series resampled to an even {_mm(med)} slice step")
+    else:
+        report.warn(f"uneven slice spacing ({_mm(float(steps.min()))} to {_mm(float(steps.max()))}): the series "
+                    f"resampled to an even {_mm(med)} slice step by interpolation between slices")
+    return out, float(pos[0]), med
+
+
+# ----------------------------------------------------------------------------------------------
+# lung extent
+
+
+def lung_extent_warnings(lung: np.ndarray, spacing: tuple[float, float, float] | list[float],
+                         min_ml: float = 500.0, max_ml: float = 12000.0, edge_share: float = 0.1) -> list[str]:
+    """Warnings about a lung mask (X, Y, Z) that a series cut short or a wrong header would give.
+
+    - the lung on the first or last slice covers at least ``edge_share`` of its largest cross-section:
+      the series ends inside the lung (cut short, or a partial scan), the lung beyond is not counted;
+    - the lung touches the side of the field of view on more than ``edge_share`` of its slices;
+    - the lung volume is outside ``min_ml``..``max_ml`` (an adult chest): check the voxel size in the
+      header, missing slices, or whether the scan covers the chest.
+
+    Returns:
+        The warnings (empty for an unremarkable lung).
+    """
+    lung = np.asarray(lung) > 0
+    if not lung.any():
+        return []
+    out: list[str] = []
+    area = lung.sum(axis=(0, 1))
+    top = float(area.max())
+    for k, end in ((0, "first"), (lung.shape[2] - 1, "last")):
+        if area[k] >= edge_share * top:
+            out.append(f"the lung reaches the {end} slice of the volume ({100 * area[k] / top:.0f} % of its largest "
+                       "cross-section): the series may be cut short; lung beyond it is not counted")
+    on_side = (lung[0].any(axis=0) | lung[-1].any(axis=0) | lung[:, 0].any(axis=0) | lung[:, -1].any(axis=0))
+    n_slices = int((area > 0).sum())
+    if on_side.sum() > edge_share * n_slices:
+        out.append(f"the lung touches the side of the field of view on {int(on_side.sum())} of {n_slices} slices: "
+                   "lung outside it is not counted")
+    ml = float(lung.sum()) * float(np.prod(spacing)) / 1000.0
+    if not min_ml <= ml <= max_ml:
+        out.append(f"lung volume {ml:.0f} ml is implausible for an adult chest ({min_ml:.0f}-{max_ml:.0f} ml): "
+                   "check the voxel size in the header, missing slices, or whether the scan covers the chest")
+    return out
+

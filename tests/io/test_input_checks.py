@@ -1,0 +1,246 @@
+"""Damaged input is repaired with a warning or refused with its reason, never read silently wrong.
+
+Every case is built in a temporary folder from the real chest CT (every 4th pixel, 3rd slice: 128x128x47).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from monai_ext.errors import DamagedImageError, InputTooLargeError, NotAVolumeError
+from monai_ext.io import load_ct, read_ct
+from monai_ext.io.checks import InputReport, lung_extent_warnings, parse_memory
+from monai_ext.transforms import LungMask
+
+UID = "1.2.826.0.1.3680043.2.1125.77"
+
+
+def _nifti(vol: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    nib.save(nib.Nifti1Image(vol, affine), str(path))
+    return path
+
+
+def _series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float]], pixel_mm: float = 3.9) -> Path:
+    """A DICOM series of ``vol``'s slices: ``(slice index, position along z in mm)`` per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, (i, z) in enumerate(slices):
+        sl = sitk.GetImageFromArray(np.ascontiguousarray(vol[:, :, i].T[None]).astype(np.int16))
+        sl.SetSpacing((pixel_mm, pixel_mm, 1.0))
+        sl.SetOrigin((0.0, 0.0, z))
+        tags = {"0008|0060": "CT", "0020|000d": f"{UID}.0", "0020|000e": UID, "0020|0013": str(k + 1),
+                "0020|0032": f"0\\0\\{z:.3f}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{UID}.{k + 1}",
+                "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def slab(small_real_ct):
+    """40 slices of the real CT (6 mm apart) and their DICOM positions."""
+    vol = small_real_ct[0][:, :, :40]
+    return vol, [(i, 6.0 * i) for i in range(40)]
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN and infinite voxels
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_every_third_slice_nan_is_refused(tmp_path, small_real_ct, suffix):
+    vol, affine = small_real_ct
+    bad = vol.astype(np.float32)
+    bad[:, :, ::3] = np.nan
+    path = tmp_path / f"nan_slices{suffix}"
+    if suffix == ".nii.gz":  # SimpleITK's NIfTI reader turns these NaN into 0 HU: found in the file itself
+        _nifti(bad, affine, path)
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(bad.T.copy()), str(path))
+    with pytest.raises(DamagedImageError, match=r"3\d\.\d % of the voxels inside the body are NaN") as exc:
+        load_ct(path)
+    assert str(path) in str(exc.value) and "16 of 47 slices" in str(exc.value)
+
+
+def test_few_nan_voxels_in_the_body_are_interpolated(tmp_path, small_real_ct):
+    vol, affine = small_real_ct
+    damaged = vol.astype(np.float32)
+    xs, ys = np.nonzero(vol[32:96, 32:96, 20] > -500)  # tissue in the middle of the chest on slice 20
+    xs, ys = xs + 32, ys + 32
+    pick = np.random.default_rng(0).choice(len(xs), 150, replace=False)
+    damaged[xs[pick], ys[pick], 20] = np.nan
+    damaged[xs[pick[:10]], ys[pick[:10]], 20] = np.inf
+    ct, report = read_ct(_nifti(damaged, affine, tmp_path / "few_nan.nii.gz"), orientation=None)
+    got = ct[0].numpy()[xs[pick], ys[pick], 20]
+    expected = (vol[xs[pick], ys[pick], 19].astype(np.float32) + vol[xs[pick], ys[pick], 21]) / 2
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+    assert np.isfinite(ct.numpy()).all()
+    assert report.repaired is not None and int(report.repaired.sum()) == 150
+    assert any("150 NaN/infinite voxels inside the body" in w and "interpolation" in w for w in report.warnings)
+    untouched = np.ones(vol.shape, bool)
+    untouched[xs[pick], ys[pick], 20] = False
+    np.testing.assert_array_equal(ct[0].numpy()[untouched], vol[untouched])
+
+
+def test_nan_outside_the_field_of_view_becomes_air(tmp_path, small_real_ct):
+    vol, affine = small_real_ct
+    damaged = vol.astype(np.float32)
+    x, y = np.meshgrid(np.arange(128) - 63.5, np.arange(128) - 63.5, indexing="ij")
+    outside = x**2 + y**2 > 63**2
+    damaged[outside] = np.nan
+    ct, report = read_ct(_nifti(damaged, affine, tmp_path / "fov.nii.gz"), orientation=None)
+    assert (ct[0].numpy()[outside] == -1000).all()
+    assert int(report.repaired.sum()) == 0
+    assert report.warnings == [f"{int(outside.sum()) * 47} NaN/infinite voxels outside the body filled (air, -1000 HU, "
+                               "where their column holds no value)"]
+
+
+def test_repaired_share_of_the_lung_is_limited():
+    lung = np.zeros((20, 20, 10), bool)
+    lung[5:15, 5:15, 2:8] = True  # 600 voxels
+    report = InputReport(path="study.nii.gz", repaired=np.zeros_like(lung))
+    report.repaired[5, 5:8, 2] = True  # 3 voxels: 0.5 %
+    report.check_lung(lung)
+    assert report.warnings and "0.50 % of the lung" in report.warnings[0]
+    report.repaired[6, 5:15, 2] = True  # 13 voxels: 2.2 %
+    with pytest.raises(DamagedImageError, match=r"study.nii.gz: 2.2 % of the lung voxels were NaN"):
+        report.check_lung(lung)
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM slices: missing, duplicated, uneven
+
+
+def test_one_missing_slice_is_interpolated(tmp_path, slab):
+    vol, slices = slab
+    intact = load_ct(_series(vol, tmp_path / "intact", slices))
+    ct, report = read_ct(_series(vol, tmp_path / "gap", slices[:20] + slices[21:]))
+    assert ct.shape == intact.shape and float(ct.pixdim[2]) == pytest.approx(6.0)
+    np.testing.assert_allclose(ct.affine.numpy(), intact.affine.numpy(), atol=1e-4)
+    a, b = ct[0].numpy(), intact[0].numpy()
+    others = [k for k in range(40) if k != 20]
+    np.testing.assert_allclose(a[:, :, others], b[:, :, others], atol=1e-3)
+    np.testing.assert_allclose(a[:, :, 20], (b[:, :, 19] + b[:, :, 21]) / 2, atol=1e-3)
+    assert report.warnings == ["1 missing slice (gaps after 114 mm) filled by interpolation between their "
+                               "neighbours; the series resampled to an even 6 mm slice step"]
+
+
+def test_too_many_missing_slices_are_refused(tmp_path, slab):
+    vol, slices = slab
+    run = _series(vol, tmp_path / "run", slices[:20] + slices[23:])
+    with pytest.raises(DamagedImageError, match=r"run: 3 slices missing in a row: a gap of 24 mm between 114 mm"):
+        load_ct(run)
+    scattered = _series(vol, tmp_path / "scattered", [s for i, s in enumerate(slices) if i not in (5, 12, 25)])
+    with pytest.raises(DamagedImageError, match=r"3 of 40 slices missing \(8 %, in 3 gaps\); at most 5 %"):
+        load_ct(scattered)
+
+
+def test_duplicated_slices(tmp_path, slab):
+    vol, slices = slab
+    ct, report = read_ct(_series(vol, tmp_path / "dup", [*slices, slices[10]]))
+    assert ct.shape[-1] == 40 and float(ct.pixdim[2]) == pytest.approx(6.0)
+    np.testing.assert_allclose(ct[0].numpy(), load_ct(_series(vol, tmp_path / "ok", slices))[0].numpy(), atol=1e-3)
+    assert len(report.warnings) == 1 and "1 duplicated slice (same position and pixels) removed" in report.warnings[0]
+    clash = _series(vol, tmp_path / "clash", [*slices, (30, 60.0)])  # other pixels at slice 10's position
+    with pytest.raises(DamagedImageError, match=r"clash: two different slices at the same position 60 mm"):
+        load_ct(clash)
+
+
+def test_uneven_spacing_is_resampled_to_the_median_step(tmp_path, slab):
+    vol, _ = slab
+    z = np.cumsum([0.0] + [5.0 if k % 2 == 0 else 7.0 for k in range(39)])  # 20 steps of 5 mm, 19 of 7 mm
+    ct, report = read_ct(_series(vol, tmp_path / "uneven", [(i, float(z[i])) for i in range(40)]), orientation=None)
+    assert float(ct.pixdim[2]) == pytest.approx(5.0)
+    assert ct.shape[-1] == round(z[-1] / 5.0) + 1
+    assert ct.meta["sitk_origin"][2] == pytest.approx(0.0)
+    assert report.warnings == ["uneven slice spacing (5 mm to 7 mm): the series resampled to an even 5 mm slice "
+                               "step by interpolation between slices"]
+    np.testing.assert_allclose(ct[0].numpy()[:, :, 0], vol[:, :, 0], atol=1e-3)  # the first slice is kept
+    np.testing.assert_allclose(ct[0].numpy()[:, :, 1], vol[:, :, 1], atol=1e-3)  # 5 mm: the second one
+
+
+# ----------------------------------------------------------------------------------------------
+# headers: 4D, sizes that do not fit the file or the memory budget
+
+
+def test_4d_image_message_names_its_shape(tmp_path):
+    vol = np.full((128, 128, 40, 3), -1000, np.int16)
+    with pytest.raises(NotAVolumeError, match=r"is a 4D image \(128x128x40x3: several volumes"):
+        load_ct(_nifti(vol, np.eye(4), tmp_path / "four.nii.gz"))
+
+
+def _patched_header(tmp_path: Path, dims: tuple[int, int, int]) -> bytes:
+    """A small int16 NIfTI whose header declares ``dims``."""
+    path = _nifti(np.zeros((64, 64, 8), np.int16), np.eye(4), tmp_path / "small.nii")
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, *dims, 1, 1, 1, 1)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_header_declaring_more_than_the_file_holds_is_refused(tmp_path, suffix):
+    raw = _patched_header(tmp_path, (30000, 30000, 3000))
+    path = tmp_path / f"huge{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    with pytest.raises(InputTooLargeError) as exc:
+        load_ct(path)
+    msg = str(exc.value)
+    assert msg.startswith(str(path)) and "declares a 30000x30000x3000 int16 image (4.9 TB of voxel data)" in msg
+    assert "the file holds 64.0 kB of data" in msg and "truncated file or wrong header" in msg
+
+
+def test_truncated_file_is_refused(tmp_path):
+    raw = _patched_header(tmp_path, (64, 64, 8))
+    path = tmp_path / "cut.nii"
+    path.write_bytes(raw[: len(raw) // 2])  # SimpleITK would read it, the missing half as zeros
+    with pytest.raises(InputTooLargeError, match=r"declares a 64x64x8 int16 image \(64.0 kB of voxel data\) but the "
+                                                 r"file holds 31.8 kB of data \(32.2 kB on disk\)"):
+        load_ct(path)
+
+
+def test_memory_budget(tmp_path, small_real_ct, slab):
+    path = _nifti(*small_real_ct, tmp_path / "ct.nii.gz")
+    with pytest.raises(InputTooLargeError, match=r"128x128x47 int16 image: processing it needs about 35.2 MB, more "
+                                                 r"than the memory budget of 10.0 MB \(--max-memory\)"):
+        load_ct(path, max_bytes=10 << 20)
+    assert load_ct(path, max_bytes=40 << 20).shape == (1, 128, 128, 47)
+    series = _series(slab[0], tmp_path / "series", slab[1])
+    with pytest.raises(InputTooLargeError, match=r"series: the header declares a 128x128x40 int16 image"):
+        load_ct(series, max_bytes=10 << 20)
+
+
+def test_parse_memory():
+    assert parse_memory("8G") == 8 << 30
+    assert parse_memory("512MB") == 512 << 20
+    assert parse_memory("1.5g") == int(1.5 * (1 << 30))
+    assert parse_memory("2GiB") == 2 << 30
+    for bad in ("lots", "-1G", "0", "G"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# lung at the volume's edge
+
+
+def test_series_cut_short_through_the_lung_is_warned(tmp_path, small_real_ct):
+    vol, affine = small_real_ct
+    ct = load_ct(_nifti(vol, affine, tmp_path / "whole.nii.gz"))
+    lung = np.asarray(LungMask(backend="threshold")(ct)[0]) > 0
+    spacing = ct.pixdim.tolist()
+    assert lung_extent_warnings(lung, spacing) == []  # the whole chest
+    cut = lung[:, :, :20]  # ends in the middle of the lung
+    warnings = lung_extent_warnings(cut, spacing)
+    assert any(w.startswith("the lung reaches the last slice of the volume") for w in warnings), warnings
+    tiny = lung_extent_warnings(lung, [s / 10 for s in spacing])  # a header with voxels 10 times too small
+    assert any("lung volume 6 ml is implausible" in w for w in tiny), tiny
