@@ -46,7 +46,7 @@ from monai_ext.errors import CTSeverityError
 from monai_ext.io import atomic_write_text
 from pipelines.bundle import LoadedModel, bundle_path, load_model
 from pipelines.discovery import Study, find_studies
-from pipelines.study import PipelineConfig, is_complete, process_study
+from pipelines.study import PipelineConfig, is_complete, process_study, study_time_limit
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -74,6 +74,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "method",
     "seconds",
     "error",
+    "warnings",
 )
 
 # worker-process state: models by (bundle, checksum, device), and whether torch threads were set
@@ -218,6 +219,7 @@ def _row_from_result(res: dict) -> dict[str, object]:
         "method": res.get("method", ""),
         "seconds": res.get("timings_s", {}).get("total", ""),
         "error": "",
+        "warnings": "; ".join(res.get("warnings", [])),
     }
 
 
@@ -228,8 +230,8 @@ def _failure_row(study: Study, config: PipelineConfig, seconds: float, error: st
     return row
 
 
-def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, threads: int | None = None
-              ) -> dict[str, object]:
+def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, threads: int | None = None,
+              timeout: float | None = None) -> dict[str, object]:
     """Run one study and return its ``results.csv`` row; never raises for a failing study.
 
     This is the task each dask worker runs. The model comes from the worker's cache (loaded once
@@ -242,6 +244,8 @@ def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, 
         out_dir: batch output folder.
         config: run settings.
         threads: torch threads for this process (``None``: leave as is).
+        timeout: time limit of the study in seconds (:func:`~pipelines.study.study_time_limit`); a study
+            past it is recorded as failed with the reason.
 
     Returns:
         A row with the columns :data:`RESULT_COLUMNS`; ``status`` is ``ok`` or ``failed``.
@@ -252,7 +256,8 @@ def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, 
     t0 = time.perf_counter()
     try:
         model = _get_model(config)
-        result = process_study(study, out_dir, config, model)
+        with study_time_limit(timeout):
+            result = process_study(study, out_dir, config, model)
     except CTSeverityError as exc:
         return _failure_row(study, config, time.perf_counter() - t0, _one_line(exc.reason))
     except Exception as exc:  # noqa: BLE001 - a study must not stop the batch
@@ -334,14 +339,14 @@ def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int
 
 
 def _run_dask(todo: Sequence[Study], out_dir: Path, config: PipelineConfig, workers: int, scheduler: str | None,
-              bar: tqdm) -> list[dict[str, object]]:
+              bar: tqdm, timeout: float | None = None) -> list[dict[str, object]]:
     from distributed import as_completed
 
     client, cluster, threads, device = _start_client(workers, scheduler, config.device, len(todo))
     task_config = replace(config, device=device)
     rows: list[dict[str, object]] = []
     try:
-        futures = {client.submit(run_study, st, str(out_dir), task_config, threads, pure=False,
+        futures = {client.submit(run_study, st, str(out_dir), task_config, threads, timeout, pure=False,
                                  key=f"ctseverity-{st.study}-{time.time_ns()}"): st for st in todo}
         for fut in as_completed(futures):
             st = futures[fut]
@@ -362,7 +367,8 @@ def _run_dask(todo: Sequence[Study], out_dir: Path, config: PipelineConfig, work
 
 def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
               config: PipelineConfig, workers: int = 1, scheduler: str | None = None,
-              truth: str | os.PathLike | None = None, progress: bool = True, report: bool = True) -> BatchSummary:
+              truth: str | os.PathLike | None = None, progress: bool = True, report: bool = True,
+              study_timeout: float | None = None) -> BatchSummary:
     """Run the severity pipeline on every study of ``inputs`` and write ``results.csv`` and ``report.html``.
 
     Studies whose folder in ``out_dir`` holds a complete result of the same settings, model and
@@ -378,6 +384,8 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         truth: CSV with ``study`` and ``lesion_percent`` and/or ``grade``, for the report's agreement figures.
         progress: show a progress bar over the studies.
         report: write ``report.html``.
+        study_timeout: time limit of each study in seconds (``None``: none); a study past it is
+            recorded as failed with the reason and the batch goes on.
 
     Returns:
         A :class:`BatchSummary`.
@@ -389,6 +397,8 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     """
     t_start = time.perf_counter()
     config = replace(config).validate()
+    if study_timeout is not None and not study_timeout > 0:
+        raise ValueError(f"the study time limit must be positive, got {study_timeout}")
     if config.method == "density":
         checksum = ""
         config.bundle = None  # the attenuation baseline uses no model
@@ -422,10 +432,10 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         if todo and workers <= 1 and not scheduler:
             for st in todo:
                 bar.set_postfix_str(st.study)
-                rows.append(run_study(st, out, config))
+                rows.append(run_study(st, out, config, timeout=study_timeout))
                 bar.update(1)
         elif todo:
-            rows = _run_dask(todo, out, config, workers, scheduler, bar)
+            rows = _run_dask(todo, out, config, workers, scheduler, bar, study_timeout)
     finally:
         bar.close()
         failures = [r for r in rows if r["status"] != "ok"]

@@ -4,6 +4,10 @@ An input is a study file (NIfTI, NRRD, MHA), a DICOM series folder, a folder of 
 recursively: every image file and every folder holding DICOM files is one study), or a CSV
 manifest with a ``path`` column. Masks and outputs written by ct-severity beside the studies
 (``*_lesion``, ``*_lung``, ``*_mask``, ``heatmap``...) are not studies.
+
+Symbolic links are followed, as ``find -L`` does (a folder of links to DICOM series folders is a
+folder of studies); a link back to a folder already searched is not searched again, so link loops
+end.
 """
 
 from __future__ import annotations
@@ -66,8 +70,15 @@ def _looks_like_dicom(p: Path) -> bool:
 
 
 def _walk(root: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+    """Study files and DICOM folders below ``root``, following symbolic links, each real folder once."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or a folder reached by two links
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(n for n in dirnames if os.path.realpath(os.path.join(dirpath, n)) not in seen)
         d = Path(dirpath)
         files = sorted(filenames)
         if any(_looks_like_dicom(d / f) for f in files):

@@ -281,6 +281,8 @@ th{background:#f4f4f4} td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.kv td:first-child{color:#666}
 .studies td{vertical-align:middle} .studies img{display:block;width:%(tw)dpx;height:auto;border:0}
 tr.failed td{background:#fdecea} .err{color:#c0392b;font-size:12px;max-width:420px;word-break:break-word}
+tr.warned td{background:#fff4dc} .warn{color:#a15c00;font-weight:600}
+.wrn{color:#a15c00;font-size:12px;max-width:420px;word-break:break-word}
 .ok{color:#2a7d3a} .bad{color:#c0392b} .miss{color:#c0392b;font-weight:600}
 .figs{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
 table.conf td{width:46px;text-align:center} table.conf th{text-align:center}
@@ -328,6 +330,7 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
     rows = sorted(rows, key=lambda r: str(r["study"]))
     ok_rows = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
+    warned = [r for r in ok_rows if r.get("warnings")]
     pairs, points, true_grades = [], [], []
     if truth is not None:
         for r in ok_rows:
@@ -349,6 +352,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
              f"<div class='sub'>{html.escape(str(out.resolve()))} &middot; written {now}</div>"]
     cards = [("studies", str(len(rows)), ""), ("graded", str(len(ok_rows)), "good" if ok_rows else ""),
              ("failed", str(len(failed)), "bad" if failed else "")]
+    if warned:
+        cards.append(("graded with warnings", str(len(warned)), "bad"))
     if agree is not None:
         cards += [("grade right", _pct(agree["grade_accuracy"]), ""),
                   ("within one grade", _pct(agree["within_one"]), ""),
@@ -413,6 +418,9 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
             grade = f"<span class='{'ok' if r.get('grade') == t.get('grade') else 'miss'}'>{grade}</span>"
         status = "<span class='ok'>ok</span>" if is_ok else (
             f"<span class='bad'>failed</span><div class='err'>{html.escape(str(r.get('error') or ''))}</div>")
+        if is_ok and r.get("warnings"):  # repaired or suspicious input: the grade needs a look
+            items = "".join(f"<div>{html.escape(w.strip())}</div>" for w in str(r["warnings"]).split("; "))
+            status = f"<span class='warn'>ok, with warnings</span><div class='wrn'>{items}</div>"
         name = html.escape(Path(str(r.get("input"))).name)
         cells = [img, f"<b>{html.escape(study)}</b><div class='sub'>{name}</div>", status, grade]
         if truth is not None:
@@ -424,7 +432,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
                   _fmt(r.get("n_lesions"), 0), html.escape(str(r.get("method") or "")), _fmt(r.get("seconds"), 1)]
         numeric = {"lesion %", "true %", "lung ml", "lesion ml", "lesions", "seconds"}
         tds = "".join(f"<td class='n'>{c}</td>" if h in numeric else f"<td>{c}</td>" for h, c in zip(head, cells))
-        parts.append(f"<tr class='{'study-ok' if is_ok else 'failed'}'>{tds}</tr>")
+        row_class = "failed" if not is_ok else "warned" if r.get("warnings") else "study-ok"
+        parts.append(f"<tr class='{row_class}'>{tds}</tr>")
     parts.append("</table>")
     parts.append("<p class='note'>Per study: heatmap.nii.gz, lesion_mask.nii.gz and lung_mask.nii.gz on the input "
                  "grid, result.json (lesions, per-slice probabilities, timings); all rows in results.csv.</p>")

@@ -96,7 +96,17 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         density_delta_hu=getattr(args, "density_delta_hu", None),
         study_call=getattr(args, "study_call", None),
         batch_size=getattr(args, "batch_size", None) or 16,
+        max_memory=_max_memory(args),
     ).validate()
+
+
+def _max_memory(args: argparse.Namespace) -> int:
+    """``--max-memory`` in bytes; by default three quarters of this machine's memory shared by the workers."""
+    from monai_ext.io.checks import default_max_memory, parse_memory
+
+    if getattr(args, "max_memory", None):
+        return parse_memory(args.max_memory)
+    return default_max_memory() // max(1, getattr(args, "workers", 1) or 1)
 
 
 def _cell(v: object, digits: int = 1) -> object:
@@ -121,6 +131,9 @@ def print_summary(summary: BatchSummary, truth_path: str | None = None) -> None:
                      r["method"], _cell(r["seconds"]), r["error"] or ""])
     print(format_table(["study", "status", "grade", "lesion_%", "lung_ml", "lesion_ml", "lesions", "method",
                         "seconds", "error"], rows))
+    for r in summary.rows:
+        if r.get("warnings"):
+            print(f"warning: {r['study']}: {r['warnings']}")
     print()
     parts = [f"{summary.n_ok} processed", f"{summary.n_failed} failed"]
     if summary.n_skipped:
@@ -159,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     summary = run_batch(args.inputs, args.out, config, workers=args.workers, scheduler=args.scheduler,
-                        truth=args.truth, progress=not args.quiet)
+                        truth=args.truth, progress=not args.quiet, study_timeout=args.study_timeout)
     print_summary(summary, args.truth)
     return 1 if summary.n_failed else 0
 
@@ -201,6 +214,12 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "iba.autocast_dtype=bfloat16 or igospp.iterations=5")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, metavar="N",
                    help="slices per attribution batch (default 16)")
+    p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",
+                   help="memory budget per study, e.g. 8G: an input whose header declares a larger volume is "
+                        "refused before it is read (default: 3/4 of this machine's memory divided by --workers)")
+    p.add_argument("--study-timeout", dest="study_timeout", type=float, metavar="SECONDS",
+                   help="time limit per study: a study past it is recorded as failed and the batch goes on "
+                        "(checked between stages and attribution batches; default: none)")
     p.set_defaults(func=run)
     return p
 

@@ -8,15 +8,23 @@ component volume) -> lesion % of lung volume -> CT-0..CT-4 -> outputs on the inp
 Outputs in ``out_dir/<study>/``: ``heatmap.nii.gz`` (the study-normalized heatmap the threshold
 is applied to), ``lesion_mask.nii.gz``, ``lung_mask.nii.gz``, ``overview.png`` and, written last,
 ``result.json``: a study folder with a ``result.json`` is complete.
+
+Damaged input is repaired with a warning or refused (:mod:`monai_ext.io.checks`); the warnings go into
+``result.json`` (``warnings``). A study run inside :func:`study_time_limit` stops with a
+:class:`~monai_ext.errors.StudyTimeoutError` at the first check past its limit (between stages and
+between attribution batches).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +32,9 @@ import numpy as np
 import torch
 
 from monai_ext.attribution import normalize_study
-from monai_ext.io import atomic_write_text, load_ct, write_like
+from monai_ext.errors import StudyTimeoutError
+from monai_ext.io import atomic_write_text, read_ct, write_like
+from monai_ext.io.checks import lung_extent_warnings
 from monai_ext.transforms import LungMask
 from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines import __version__
@@ -41,7 +51,7 @@ from pipelines.severity import (
 )
 
 __all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complete", "DEFAULT_CALIBRATION", "Evidence",
-           "compute_evidence", "lesion_mask"]
+           "compute_evidence", "lesion_mask", "study_time_limit", "check_time"]
 
 #: used when a bundle carries no calibration
 DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-relative", "slice_gate": 0.5,
@@ -71,6 +81,8 @@ class PipelineConfig:
         batch_size: slices per attribution batch.
         seed: seed for stochastic methods (IBA noise, iGOS++ noise).
         overview: write ``overview.png``.
+        max_memory: memory budget of one study in bytes: an input whose header declares a larger
+            volume is refused before it is read (``None``: no budget).
     """
 
     method: str = "iba"
@@ -88,6 +100,7 @@ class PipelineConfig:
     seed: int = 0
     overview: bool = True
     method_params: dict = field(default_factory=dict)
+    max_memory: int | None = None
 
     def validate(self) -> PipelineConfig:
         """Check the settings; raises ``ValueError`` naming the bad one."""
@@ -107,11 +120,13 @@ class PipelineConfig:
             raise ValueError(f"study call must be in [0, 1], got {self.study_call}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"memory budget must be positive, got {self.max_memory}")
         return self
 
     def fingerprint(self, model_checksum: str = "") -> str:
-        """Hash of everything that changes a study's results (not the device or batch size)."""
-        keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size")}
+        """Hash of everything that changes a study's results (not the device, batch size or memory budget)."""
+        keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "max_memory")}
         return hashlib.sha256(json.dumps([keys, model_checksum], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -145,6 +160,41 @@ def is_complete(study_dir: str | os.PathLike, fingerprint: str | None = None) ->
     return all((Path(study_dir) / f).exists() for f in res.get("outputs", {}).values())
 
 
+_DEADLINE = threading.local()
+
+
+@contextlib.contextmanager
+def study_time_limit(seconds: float | None) -> Iterator[None]:
+    """Limit the time of the study run inside the block (in this thread) to ``seconds`` (``None``: no limit).
+
+    The limit is checked by :func:`check_time` between the pipeline's stages and attribution batches, so
+    a study stops at the first check past it, and before any output is written as complete.
+
+    Example::
+
+        with study_time_limit(600):
+            process_study(study, "out", config, model)   # StudyTimeoutError after 10 minutes
+    """
+    before = getattr(_DEADLINE, "value", None)
+    _DEADLINE.value = (time.monotonic() + seconds, seconds) if seconds else None
+    try:
+        yield
+    finally:
+        _DEADLINE.value = before
+
+
+def check_time(stage: str) -> None:
+    """Raise :class:`~monai_ext.errors.StudyTimeoutError` when the study's time limit has passed.
+
+    Args:
+        stage: what the study was doing, named in the reason.
+    """
+    deadline = getattr(_DEADLINE, "value", None)
+    if deadline is not None and time.monotonic() > deadline[0]:
+        raise StudyTimeoutError(f"took longer than the time limit of {deadline[1]:g} s per study (--study-timeout); "
+                                f"stopped at {stage}")
+
+
 def _versions() -> dict:
     import monai
 
@@ -162,6 +212,7 @@ def _attribute(model: LoadedModel, config: PipelineConfig, images: torch.Tensor,
     attributor = make_attributor(config.method, model, **config.method_params)
     torch.manual_seed(config.seed)
     for i in range(0, positive.numel(), config.batch_size):
+        check_time("attribution")
         idx = positive[i:i + config.batch_size]
         x = images[idx].to(model.device, dtype=torch.float32)
         maps[idx] = attributor(x, target=1).float().cpu()
@@ -180,6 +231,7 @@ class Evidence:
     slice_info: list[dict]
     study_probability: float
     timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
 
 
 def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
@@ -198,19 +250,23 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         raise ValueError(f"method {config.method!r} needs a model")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    ct = load_ct(study.path)
+    ct, report = read_ct(study.path, max_bytes=config.max_memory)
     spacing = [float(v) for v in ct.pixdim.tolist()]
     t["load"] = time.perf_counter() - t0
+    check_time("the lung mask")
     t0 = time.perf_counter()
     lung_t = LungMask(backend=config.lung_mask, weights_path=config.lung_weights)(ct)
     lung = np.asarray(lung_t[0]) > 0
     t["lung_mask"] = time.perf_counter() - t0
+    report.check_lung(lung)  # refuses a lung with more than 1 % repaired voxels
+    warnings = [*report.warnings, *lung_extent_warnings(lung, spacing)]
     hu = np.asarray(ct[0])
     if config.method == "density":
         t0 = time.perf_counter()
         heat = relative_attenuation(hu, lung, spacing, density_delta_hu).astype(np.float32)
         t["attribution"] = time.perf_counter() - t0
-        return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t)
+        return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t, warnings)
+    check_time("slice classification")
     t0 = time.perf_counter()
     stack = extract_slices(ct, lung_t, spacing, **model.slice_kwargs)
     t["slices"] = time.perf_counter() - t0
@@ -227,7 +283,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
     heat = np.asarray(normalize_study(raw, lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
     t["normalize"] = time.perf_counter() - t0
     slice_info = [{"index": int(z), "probability": round(float(p), 5)} for z, p in zip(stack.indices, probs)]
-    return Evidence(ct, hu, lung, heat, spacing, slice_info, p_study, t)
+    return Evidence(ct, hu, lung, heat, spacing, slice_info, p_study, t, warnings)
 
 
 def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
@@ -270,6 +326,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
     t0 = time.perf_counter()
     sev = severity(lesion, ev.lung, ev.spacing, affine=ev.ct.affine.numpy())
     t["severity"] = time.perf_counter() - t0
+    check_time("writing the outputs")
 
     t0 = time.perf_counter()
     outputs = {"heatmap": "heatmap.nii.gz", "lesion_mask": "lesion_mask.nii.gz", "lung_mask": "lung_mask.nii.gz"}
@@ -305,6 +362,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "model": None if model is None else {"bundle": str(model.bundle), "sha256": model.checksum},
         **sev.to_dict(),
         "study_probability": None if np.isnan(ev.study_probability) else round(ev.study_probability, 5),
+        "warnings": list(ev.warnings),
         "slices": ev.slice_info,
         "spacing_mm": [round(s, 5) for s in ev.spacing],
         "shape": [int(s) for s in ev.ct.meta["spatial_shape"]],

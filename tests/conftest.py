@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,7 +119,6 @@ def small_real_ct(real_ct_path):
     index order (i, j, k) with its 3.9 x 3.9 x 6 mm affine; the whole chest, lung clear of the first and last
     slice. Read only: tests copy it before changing it."""
     import nibabel as nib
-    import numpy as np
 
     img = nib.load(str(real_ct_path))
     vol = np.asarray(img.dataobj)[::4, ::4, ::3].astype(np.int16)
@@ -150,3 +150,32 @@ def dicom_crop_series(tmp_path_factory) -> tuple[Path, dict]:
             setattr(ds, key, value)
         ds.save_as(out / f"slice_{k:03d}.dcm")
     return out, dict(TEST_IDENTIFIERS)
+
+
+def write_ct_series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float]], pixel_mm: float = 3.9,
+                    uid: str = "1.2.826.0.1.3680043.2.1125.77") -> Path:
+    """Write a DICOM CT series of ``vol``'s (i, j, k) slices into ``folder``: one file per
+    ``(slice index, position along z in mm)``, axial, int16 HU."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, (i, z) in enumerate(slices):
+        sl = sitk.GetImageFromArray(np.ascontiguousarray(vol[:, :, i].T[None]).astype(np.int16))
+        sl.SetSpacing((pixel_mm, pixel_mm, 1.0))
+        sl.SetOrigin((0.0, 0.0, z))
+        tags = {"0008|0060": "CT", "0020|000d": f"{uid}.0", "0020|000e": uid, "0020|0013": str(k + 1),
+                "0020|0032": f"0\\0\\{z:.3f}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{uid}.{k + 1}",
+                "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ct_series():
+    """:func:`write_ct_series`: ``ct_series(vol, folder, [(slice index, z mm), ...])`` writes a DICOM series."""
+    return write_ct_series

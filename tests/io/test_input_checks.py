@@ -19,31 +19,10 @@ from monai_ext.io import load_ct, read_ct
 from monai_ext.io.checks import InputReport, lung_extent_warnings, parse_memory
 from monai_ext.transforms import LungMask
 
-UID = "1.2.826.0.1.3680043.2.1125.77"
-
 
 def _nifti(vol: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     nib.save(nib.Nifti1Image(vol, affine), str(path))
     return path
-
-
-def _series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float]], pixel_mm: float = 3.9) -> Path:
-    """A DICOM series of ``vol``'s slices: ``(slice index, position along z in mm)`` per file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k, (i, z) in enumerate(slices):
-        sl = sitk.GetImageFromArray(np.ascontiguousarray(vol[:, :, i].T[None]).astype(np.int16))
-        sl.SetSpacing((pixel_mm, pixel_mm, 1.0))
-        sl.SetOrigin((0.0, 0.0, z))
-        tags = {"0008|0060": "CT", "0020|000d": f"{UID}.0", "0020|000e": UID, "0020|0013": str(k + 1),
-                "0020|0032": f"0\\0\\{z:.3f}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{UID}.{k + 1}",
-                "0028|1052": "0", "0028|1053": "1"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"s{k:03d}.dcm"))
-        writer.Execute(sl)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -121,10 +100,10 @@ def test_repaired_share_of_the_lung_is_limited():
 # DICOM slices: missing, duplicated, uneven
 
 
-def test_one_missing_slice_is_interpolated(tmp_path, slab):
+def test_one_missing_slice_is_interpolated(tmp_path, slab, ct_series):
     vol, slices = slab
-    intact = load_ct(_series(vol, tmp_path / "intact", slices))
-    ct, report = read_ct(_series(vol, tmp_path / "gap", slices[:20] + slices[21:]))
+    intact = load_ct(ct_series(vol, tmp_path / "intact", slices))
+    ct, report = read_ct(ct_series(vol, tmp_path / "gap", slices[:20] + slices[21:]))
     assert ct.shape == intact.shape and float(ct.pixdim[2]) == pytest.approx(6.0)
     np.testing.assert_allclose(ct.affine.numpy(), intact.affine.numpy(), atol=1e-4)
     a, b = ct[0].numpy(), intact[0].numpy()
@@ -135,31 +114,31 @@ def test_one_missing_slice_is_interpolated(tmp_path, slab):
                                "neighbours; the series resampled to an even 6 mm slice step"]
 
 
-def test_too_many_missing_slices_are_refused(tmp_path, slab):
+def test_too_many_missing_slices_are_refused(tmp_path, slab, ct_series):
     vol, slices = slab
-    run = _series(vol, tmp_path / "run", slices[:20] + slices[23:])
+    run = ct_series(vol, tmp_path / "run", slices[:20] + slices[23:])
     with pytest.raises(DamagedImageError, match=r"run: 3 slices missing in a row: a gap of 24 mm between 114 mm"):
         load_ct(run)
-    scattered = _series(vol, tmp_path / "scattered", [s for i, s in enumerate(slices) if i not in (5, 12, 25)])
+    scattered = ct_series(vol, tmp_path / "scattered", [s for i, s in enumerate(slices) if i not in (5, 12, 25)])
     with pytest.raises(DamagedImageError, match=r"3 of 40 slices missing \(8 %, in 3 gaps\); at most 5 %"):
         load_ct(scattered)
 
 
-def test_duplicated_slices(tmp_path, slab):
+def test_duplicated_slices(tmp_path, slab, ct_series):
     vol, slices = slab
-    ct, report = read_ct(_series(vol, tmp_path / "dup", [*slices, slices[10]]))
+    ct, report = read_ct(ct_series(vol, tmp_path / "dup", [*slices, slices[10]]))
     assert ct.shape[-1] == 40 and float(ct.pixdim[2]) == pytest.approx(6.0)
-    np.testing.assert_allclose(ct[0].numpy(), load_ct(_series(vol, tmp_path / "ok", slices))[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(ct[0].numpy(), load_ct(ct_series(vol, tmp_path / "ok", slices))[0].numpy(), atol=1e-3)
     assert len(report.warnings) == 1 and "1 duplicated slice (same position and pixels) removed" in report.warnings[0]
-    clash = _series(vol, tmp_path / "clash", [*slices, (30, 60.0)])  # other pixels at slice 10's position
+    clash = ct_series(vol, tmp_path / "clash", [*slices, (30, 60.0)])  # other pixels at slice 10's position
     with pytest.raises(DamagedImageError, match=r"clash: two different slices at the same position 60 mm"):
         load_ct(clash)
 
 
-def test_uneven_spacing_is_resampled_to_the_median_step(tmp_path, slab):
+def test_uneven_spacing_is_resampled_to_the_median_step(tmp_path, slab, ct_series):
     vol, _ = slab
     z = np.cumsum([0.0] + [5.0 if k % 2 == 0 else 7.0 for k in range(39)])  # 20 steps of 5 mm, 19 of 7 mm
-    ct, report = read_ct(_series(vol, tmp_path / "uneven", [(i, float(z[i])) for i in range(40)]), orientation=None)
+    ct, report = read_ct(ct_series(vol, tmp_path / "uneven", [(i, float(z[i])) for i in range(40)]), orientation=None)
     assert float(ct.pixdim[2]) == pytest.approx(5.0)
     assert ct.shape[-1] == round(z[-1] / 5.0) + 1
     assert ct.meta["sitk_origin"][2] == pytest.approx(0.0)
@@ -208,13 +187,13 @@ def test_truncated_file_is_refused(tmp_path):
         load_ct(path)
 
 
-def test_memory_budget(tmp_path, small_real_ct, slab):
+def test_memory_budget(tmp_path, small_real_ct, slab, ct_series):
     path = _nifti(*small_real_ct, tmp_path / "ct.nii.gz")
     with pytest.raises(InputTooLargeError, match=r"128x128x47 int16 image: processing it needs about 35.2 MB, more "
                                                  r"than the memory budget of 10.0 MB \(--max-memory\)"):
         load_ct(path, max_bytes=10 << 20)
     assert load_ct(path, max_bytes=40 << 20).shape == (1, 128, 128, 47)
-    series = _series(slab[0], tmp_path / "series", slab[1])
+    series = ct_series(slab[0], tmp_path / "series", slab[1])
     with pytest.raises(InputTooLargeError, match=r"series: the header declares a 128x128x40 int16 image"):
         load_ct(series, max_bytes=10 << 20)
 

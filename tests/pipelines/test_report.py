@@ -85,7 +85,7 @@ def test_results_csv_columns_and_rows(tmp_path):
     path = write_results_csv(tmp_path, rows)
     lines = path.read_text().splitlines()
     assert lines[0] == ",".join(RESULT_COLUMNS)
-    assert lines[3] == "s2,/data/s2.nii.gz,ok,22.5,CT-1,4000.0,900.0,2,hirescam,3.5,"
+    assert lines[3] == "s2,/data/s2.nii.gz,ok,22.5,CT-1,4000.0,900.0,2,hirescam,3.5,,"  # no error, no warnings
     assert lines[1].startswith("s0_broken,/data/s0_broken.nii.gz,failed,,,,,,hirescam,0.1,the gzip")
     # a failure of this run replaces an older result of the same study
     again = collect_rows(tmp_path, [dict(rows[0], study="s2")])

@@ -1,0 +1,99 @@
+"""Damaged studies through ``ctseverity run``: refused with the reason or graded as the intact study with
+warnings in results.csv, result.json and report.html; memory budget and study time limit.
+
+Studies are copies of the real chest CT (every 4th pixel, 3rd slice) graded with ``--method density`` and
+the threshold lung mask (no model needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from pipelines.cli import main
+
+RUN = ["run", "--method", "density", "--lung-mask", "threshold"]
+
+
+def _rows(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "results.csv", newline="") as fh:
+        return {r["study"]: r for r in csv.DictReader(fh)}
+
+
+@pytest.fixture(scope="module")
+def damaged(small_real_ct, tmp_path_factory) -> Path:
+    """The intact study, a copy with every third slice NaN and a copy with a few NaN voxels in the lungs."""
+    vol, affine = small_real_ct
+    folder = tmp_path_factory.mktemp("damaged")
+    nib.save(nib.Nifti1Image(vol, affine), str(folder / "intact.nii.gz"))
+    slices = vol.astype(np.float32)
+    slices[:, :, ::3] = np.nan
+    nib.save(nib.Nifti1Image(slices, affine), str(folder / "nan_slices.nii.gz"))
+    few = vol.astype(np.float32)
+    xs, ys, zs = np.nonzero(vol[:, :, 10:40] < -800)
+    lung = (xs > 10) & (xs < 118) & (ys > 10) & (ys < 118)  # lung and air inside the chest, not outside
+    pick = np.random.default_rng(1).choice(np.flatnonzero(lung), 200, replace=False)
+    few[xs[pick], ys[pick], zs[pick] + 10] = np.nan
+    nib.save(nib.Nifti1Image(few, affine), str(folder / "nan_voxels.nii.gz"))
+    return folder
+
+
+def test_damaged_studies_are_refused_or_graded_as_the_intact_one_with_warnings(damaged, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([*RUN, str(damaged), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 1  # one study failed
+    rows = _rows(out)
+    assert rows["nan_slices"]["status"] == "failed"
+    assert "of the voxels inside the body are NaN or infinite" in rows["nan_slices"]["error"]
+    assert not (out / "nan_slices" / "result.json").exists()
+    intact, repaired = rows["intact"], rows["nan_voxels"]
+    assert intact["status"] == repaired["status"] == "ok"
+    assert intact["warnings"] == ""
+    assert repaired["grade"] == intact["grade"]
+    assert abs(float(repaired["lesion_percent"]) - float(intact["lesion_percent"])) < 1.0
+    assert abs(float(repaired["lung_volume_ml"]) - float(intact["lung_volume_ml"])) < 0.01 * float(
+        intact["lung_volume_ml"])
+    assert "NaN/infinite voxels inside the body" in repaired["warnings"]
+    result = json.loads((out / "nan_voxels" / "result.json").read_text())
+    assert result["warnings"] and "; ".join(result["warnings"]) == repaired["warnings"]
+    assert json.loads((out / "intact" / "result.json").read_text())["warnings"] == []
+    report = (out / "report.html").read_text()
+    assert report.count("<tr class='warned'>") == 1 and "ok, with warnings" in report
+    assert "graded with warnings" in report
+    assert "warning: nan_voxels: " in printed
+
+
+def test_memory_budget_refuses_the_study_before_reading(damaged, tmp_path):
+    out = tmp_path / "out"
+    code = main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(out), "--max-memory", "10M"])
+    assert code == 1
+    error = _rows(out)["intact"]["error"]
+    assert "declares a 128x128x47 int16 image" in error and "memory budget of 10.0 MB (--max-memory)" in error
+
+
+def test_study_timeout_fails_the_study_and_the_batch_goes_on(damaged, tmp_path):
+    out = tmp_path / "out"
+    code = main([*RUN, str(damaged / "intact.nii.gz"), str(damaged / "nan_voxels.nii.gz"), "--out", str(out),
+                 "--study-timeout", "0.001"])
+    assert code == 1
+    rows = _rows(out)
+    assert set(rows) == {"intact", "nan_voxels"}
+    for name, row in rows.items():
+        assert row["status"] == "failed"
+        assert row["error"].startswith("took longer than the time limit of 0.001 s per study (--study-timeout)")
+        assert not (out / name / "result.json").exists()
+    code = main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(out), "--study-timeout", "600"])
+    assert code == 0 and _rows(out)["intact"]["status"] == "ok"
+
+
+def test_bad_limits_are_usage_errors(damaged, tmp_path, capsys):
+    assert main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(tmp_path), "--max-memory", "lots"]) == 2
+    assert "not a memory size: 'lots'" in capsys.readouterr().err
+    assert main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(tmp_path), "--study-timeout", "0"]) == 2
+    assert "time limit must be positive" in capsys.readouterr().err
