@@ -6,10 +6,10 @@ Example::
     ctseverity run studies/ manifest.csv --out results/ --method hirescam --workers 4 --truth truth.csv
     ctseverity run studies/ --out results/ --scheduler tcp://10.0.0.5:8786
 
-Per study ``DIR/<study>/`` holds heatmap, lesion and lung masks on the input grid, ``overview.png``
-and ``result.json``; ``DIR/results.csv`` and ``DIR/report.html`` cover the batch. Running again
-into the same DIR skips the studies that are complete. Exit code 0 when every study was graded,
-1 when any failed, 2 for bad arguments or input.
+Per study ``DIR/<study>/`` holds heatmap, lesion and lung masks on the input grid, ``overview.png``,
+for DICOM inputs a DICOM SEG and SR (``dicom/``) and ``result.json``; ``DIR/results.csv`` and
+``DIR/report.html`` cover the batch. Running again into the same DIR skips the studies that are
+complete. Exit code 0 when every study was graded, 1 when any failed, 2 for bad arguments or input.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         min_lesion_ml=getattr(args, "min_lesion_ml", None),
         density_delta_hu=getattr(args, "density_delta_hu", None),
         study_call=getattr(args, "study_call", None),
+        dicom_out=getattr(args, "dicom_out", None),
         batch_size=getattr(args, "batch_size", None) or 16,
         max_memory=_max_memory(args),
     ).validate()
@@ -212,6 +213,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=None, metavar="METHOD.KEY=VALUE",
                    help="attributor parameter for --method (repeatable; JSON values), e.g. "
                         "iba.autocast_dtype=bfloat16 or igospp.iterations=5")
+    p.add_argument("--dicom-out", dest="dicom_out", action=argparse.BooleanOptionalAction, default=None,
+                   help="write DIR/<study>/dicom/: a DICOM Segmentation (lung, lesions) and a measurement report SR; "
+                        "by default for DICOM series inputs only; for other inputs a CT series with generated UIDs "
+                        "is written beside them (--no-dicom-out: never)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, metavar="N",
                    help="slices per attribution batch (default 16)")
     p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",

@@ -6,7 +6,8 @@ zeroed -> joint normalization over the study -> lesion mask (threshold, lesion r
 component volume) -> lesion % of lung volume -> CT-0..CT-4 -> outputs on the input grid.
 
 Outputs in ``out_dir/<study>/``: ``heatmap.nii.gz`` (the study-normalized heatmap the threshold
-is applied to), ``lesion_mask.nii.gz``, ``lung_mask.nii.gz``, ``overview.png`` and, written last,
+is applied to), ``lesion_mask.nii.gz``, ``lung_mask.nii.gz``, ``overview.png``, for DICOM series inputs
+(or with ``dicom_out``) ``dicom/seg.dcm`` and ``dicom/sr.dcm`` (:mod:`pipelines.dicom`) and, written last,
 ``result.json``: a study folder with a ``result.json`` is complete.
 
 Damaged input is repaired with a warning or refused (:mod:`monai_ext.io.checks`); the warnings go into
@@ -81,6 +82,9 @@ class PipelineConfig:
         batch_size: slices per attribution batch.
         seed: seed for stochastic methods (IBA noise, iGOS++ noise).
         overview: write ``overview.png``.
+        dicom_out: write a DICOM Segmentation and SR (:mod:`pipelines.dicom`): ``None`` for DICOM series
+            inputs only, ``True`` for every input (a CT series with generated UIDs for the others), ``False``
+            never.
         max_memory: memory budget of one study in bytes: an input whose header declares a larger
             volume is refused before it is read (``None``: no budget).
     """
@@ -99,6 +103,7 @@ class PipelineConfig:
     batch_size: int = 16
     seed: int = 0
     overview: bool = True
+    dicom_out: bool | None = None
     method_params: dict = field(default_factory=dict)
     max_memory: int | None = None
 
@@ -127,6 +132,8 @@ class PipelineConfig:
     def fingerprint(self, model_checksum: str = "") -> str:
         """Hash of everything that changes a study's results (not the device, batch size or memory budget)."""
         keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "max_memory")}
+        if keys.get("dicom_out") is None:  # the default leaves the fingerprints of earlier runs as they were
+            keys.pop("dicom_out", None)
         return hashlib.sha256(json.dumps([keys, model_checksum], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -371,5 +378,12 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "fingerprint": config.fingerprint(model.run_key if model is not None else ""),
         "outputs": outputs,
     }
+    if config.dicom_out or (config.dicom_out is None and Path(study.path).is_dir()):
+        from pipelines.dicom import study_dicom_outputs
+
+        t0 = time.perf_counter()
+        outputs.update(study_dicom_outputs(sdir, study.path, ev.ct, ev.lung, lesion, result, config.lung_mask,
+                                           required=bool(config.dicom_out)))
+        result["timings_s"]["dicom"] = round(time.perf_counter() - t0, 3)
     atomic_write_text(sdir / "result.json", json.dumps(result, indent=2))
     return result

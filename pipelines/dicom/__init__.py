@@ -1,0 +1,40 @@
+"""DICOM outputs of a study: a DICOM Segmentation (lung and lesion segments) and a TID 1500 measurement report
+(Comprehensive 3D SR), written with highdicom and referring to the source series slice by slice.
+
+See ``docs/dicom_outputs.md``.
+"""
+
+from __future__ import annotations
+
+from pipelines.dicom.codes import SCHEME, grade_code
+from pipelines.dicom.outputs import (
+    DICOM_DIR,
+    is_dicom_input,
+    study_dicom_outputs,
+    wants_dicom,
+    write_dicom_outputs,
+)
+from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT, lesion_description, lung_lesion_segmentation
+from pipelines.dicom.source import MANUFACTURER, ct_series_from_grid, frames, source_headers, write_series
+from pipelines.dicom.sr import algorithm_parameters, measurement_report
+
+__all__ = [
+    "DICOM_DIR",
+    "LESION_SEGMENT",
+    "LUNG_SEGMENT",
+    "MANUFACTURER",
+    "SCHEME",
+    "algorithm_parameters",
+    "ct_series_from_grid",
+    "frames",
+    "grade_code",
+    "is_dicom_input",
+    "lesion_description",
+    "lung_lesion_segmentation",
+    "measurement_report",
+    "source_headers",
+    "study_dicom_outputs",
+    "wants_dicom",
+    "write_dicom_outputs",
+    "write_series",
+]

@@ -1,0 +1,213 @@
+"""DICOM outputs (pipelines.dicom): a SEG and a TID 1500 SR of a real CT, read back and validated.
+
+A real DICOM series (24 slices of the RICORD COVID-19 CT, JPEG Lossless, with a patient name, ID and birth
+date in its headers) goes through ``ctseverity run``; the SEG read back equals the NIfTI lung and lesion masks
+voxel for voxel on the source slices, the SR holds the result's measurements, both pass ``dciodvfy``
+(dicom3tools) without errors, and no output but the DICOM ones holds a patient identifier. A NIfTI input with
+``--dicom-out`` gets a CT series with generated UIDs that the SEG and SR refer to.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from monai_ext.errors import CTSeverityError
+from monai_ext.io.reader import dicom_series
+from monai_ext.io.writer import ReferenceGrid
+from pipelines.cli import main
+from pipelines.dicom import grade_code, source_headers
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    """The error lines of dciodvfy (dicom3tools) on ``path``; fails when dciodvfy is not installed."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)", pytrace=False)
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage") for ln in lines), lines
+    return [ln for ln in lines if ln.startswith("Error")]
+
+
+def _mask(path: Path) -> np.ndarray:
+    """A NIfTI mask as (z, y, x): frames of the input grid."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(bool)
+
+
+def _seg_volume(seg: hd.seg.Segmentation, source_uids: list[str], segment: int) -> np.ndarray:
+    """A segment of ``seg`` on the source slices (in their order), (slices, rows, columns)."""
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=source_uids, segment_numbers=[segment])
+    return pixels[..., 0].astype(bool)
+
+
+def _text_values(ds) -> list[str]:
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            out.append(str(item.TextValue))
+        out += _text_values(item)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dicom_run(dicom_crop_series, tmp_path_factory):
+    series, identifiers = dicom_crop_series
+    out = tmp_path_factory.mktemp("dicom_run") / "out"
+    capture = out.parent / "console.txt"
+    exe = Path(sys.executable).parent / "ctseverity"  # a process of its own: its log lines are output too
+    proc = subprocess.run([str(exe), "run", str(series), "--out", str(out), "--method", "hirescam", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    capture.write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    study = out / series.name
+    result = json.loads((study / "result.json").read_text())
+    return series, identifiers, out, study, result, capture
+
+
+def test_seg_read_back_equals_the_nifti_masks_on_the_source_slices(dicom_run):
+    series, _, _, study, result, _ = dicom_run
+    assert result["outputs"]["dicom_seg"] == "dicom/seg.dcm" and result["outputs"]["dicom_sr"] == "dicom/sr.dcm"
+    (files,) = dicom_series(series).values()
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    seg = hd.seg.segread(study / "dicom" / "seg.dcm")
+    uids = [ds.SOPInstanceUID for ds in source]
+    lung, lesion = _mask(study / "lung_mask.nii.gz"), _mask(study / "lesion_mask.nii.gz")
+    assert lung.shape == (len(files), int(source[0].Rows), int(source[0].Columns))
+    assert lesion.sum() > 1000 and lung.sum() > lesion.sum(), "the test needs lesions to compare"
+    assert np.array_equal(_seg_volume(seg, uids, 1), lung)
+    assert np.array_equal(_seg_volume(seg, uids, 2), lesion)
+    # every frame lies exactly on the slice it refers to
+    positions = {ds.SOPInstanceUID: [float(v) for v in ds.ImagePositionPatient] for ds in source}
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(ipp, positions[ref], atol=1e-4)
+    # the SEG joins the source study and refers to the source series
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+
+
+def test_seg_segments_name_method_and_threshold(dicom_run):
+    _, identifiers, _, study, result, _ = dicom_run
+    seg = pydicom.dcmread(study / "dicom" / "seg.dcm")
+    lung, lesion = seg.SegmentSequence
+    assert (lung.SegmentLabel, lung.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("Lung", "39607008")
+    assert (lesion.SegmentLabel, lesion.SegmentedPropertyTypeCodeSequence[0].CodeValue) == ("Lesion", "52988006")
+    assert "hirescam" in lesion.SegmentDescription
+    assert f"threshold {result['threshold']}" in lesion.SegmentDescription
+    params = lesion.SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert f"model_sha256={result['model']['sha256']}" in params and "method=hirescam" in params
+    assert seg.ContentQualification == "RESEARCH"
+    # DICOM outputs keep their source study's patient (a PACS files them under it)
+    assert str(seg.PatientName) == identifiers["PatientName"] and seg.PatientID == identifiers["PatientID"]
+
+
+def test_sr_is_a_tid1500_report_of_the_result(dicom_run):
+    _, _, _, study, result, _ = dicom_run
+    sr = hd.sr.srread(study / "dicom" / "sr.dcm")
+    seg = pydicom.dcmread(study / "dicom" / "seg.dcm")
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    groups = {g.tracking_identifier: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert set(groups) == {"lung", "lesion"}
+    for name, number in (("lung", 1), ("lesion", 2)):
+        ref = groups[name].referenced_segment
+        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID and ref.referenced_segment_numbers == [number]
+
+    def values(group):
+        return {m.name.meaning: (m.value, m.unit.value) for m in group.get_measurements()}
+
+    assert values(groups["lung"]) == {"Volume": (pytest.approx(result["lung_volume_ml"]), "ml")}
+    lesion = values(groups["lesion"])
+    assert lesion["Volume"] == (pytest.approx(result["lesion_volume_ml"]), "ml")
+    assert lesion["Lesion volume as percent of lung volume"] == (pytest.approx(result["lesion_percent"]), "%")
+    assert lesion["Number of lesion components"] == (result["n_lesions"], "{lesions}")
+    (grade,) = groups["lesion"].get_qualitative_evaluations()
+    assert grade.value == grade_code(result["grade"]) and result["grade"] != "CT-0"
+    texts = _text_values(sr)
+    assert "method=hirescam" in texts and f"model_sha256={result['model']['sha256']}" in texts
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence and len(evidence) == 25  # the SEG and the 24 source slices
+
+
+def test_seg_and_sr_pass_dciodvfy(dicom_run):
+    study = dicom_run[3]
+    for name in ("seg.dcm", "sr.dcm"):
+        assert _dciodvfy(study / "dicom" / name) == [], name
+
+
+def test_no_patient_identifier_outside_the_dicom_outputs(dicom_run):
+    _, identifiers, out, study, _, capture = dicom_run
+    needles = [identifiers["PatientID"], identifiers["PatientBirthDate"], "1938-05-17",
+               *identifiers["PatientName"].split("^")]
+    checked = 0
+    for path in [*out.rglob("*"), capture]:
+        if not path.is_file() or path.suffix == ".dcm":
+            continue
+        data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        for needle in needles:
+            assert needle.encode() not in data, (path, needle)
+        checked += 1
+    assert checked >= 8  # results.csv, report.html, result.json, overview.png, three NIfTI, the console
+    seg = (study / "dicom" / "seg.dcm").read_bytes()
+    assert identifiers["PatientID"].encode() in seg  # the check above would see them
+
+
+def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series, tmp_path, capsys):
+    series, _ = dicom_crop_series
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series(series).popitem()[1])
+    ct = reader.Execute()
+    nifti = tmp_path / "chest.nii.gz"
+    sitk.WriteImage(ct, str(nifti), useCompression=True)
+    out = tmp_path / "out"
+    assert main(["-q", "run", str(nifti), "--out", str(out), "--method", "hirescam", "--dicom-out"]) == 0, \
+        capsys.readouterr()
+    study = out / "chest"
+    result = json.loads((study / "result.json").read_text())
+    assert result["outputs"]["dicom_ct"] == "dicom/ct" and result["grade"] != "CT-0"
+    files = sorted((study / "dicom" / "ct").glob("*.dcm"))
+    assert len(files) == ct.GetSize()[2]
+    # the generated series is the input, voxel for voxel, on the same grid
+    reader.SetFileNames(dicom_series(study / "dicom" / "ct").popitem()[1])
+    back = reader.Execute()
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
+    np.testing.assert_allclose(back.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetSpacing(), ct.GetSpacing(), atol=1e-6)
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    seg = hd.seg.segread(study / "dicom" / "seg.dcm")
+    uids = [ds.SOPInstanceUID for ds in source]
+    assert np.array_equal(_seg_volume(seg, uids, 1), _mask(study / "lung_mask.nii.gz"))
+    assert np.array_equal(_seg_volume(seg, uids, 2), _mask(study / "lesion_mask.nii.gz"))
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID != pydicom.dcmread(
+        dicom_series(series).popitem()[1][0], stop_before_pixels=True).StudyInstanceUID
+    for path in (files[0], study / "dicom" / "seg.dcm", study / "dicom" / "sr.dcm"):
+        assert _dciodvfy(path) == [], path
+
+
+def test_source_slices_off_the_grid_are_refused(dicom_crop_series):
+    series, _ = dicom_crop_series
+    (uid, files), = dicom_series(series).items()
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    origin = np.asarray([float(v) for v in first.ImagePositionPatient])
+    spacing = np.asarray([float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), 1.25])
+    shape = (int(first.Columns), int(first.Rows), len(files))
+    assert len(source_headers(series, uid, ReferenceGrid(shape, np.eye(4), origin, spacing, np.eye(3)))) == len(files)
+    with pytest.raises(CTSeverityError, match="off slice 1"):
+        source_headers(series, uid, ReferenceGrid(shape, np.eye(4), origin, spacing * [1, 1, 1.1], np.eye(3)))
+    with pytest.raises(CTSeverityError, match="24 files for 25 slices"):
+        source_headers(series, uid, ReferenceGrid((*shape[:2], 25), np.eye(4), origin, spacing, np.eye(3)))
