@@ -14,6 +14,8 @@ The rules (``docs/input_rules.md`` lists each with its message):
   one is dropped; different pixels: refused), uneven spacing (resampled to the median spacing) and
   missing slices (at most :data:`MAX_MISSING_RUN` in a row and :data:`MAX_MISSING_FRACTION` of the
   series interpolated; more is refused).
+- **headers that disagree** (:func:`nifti_form_warnings`): a NIfTI qform and sform that give other
+  geometries are warned about.
 - **lung at the volume's edge** (:func:`lung_extent_warnings`): a lung that reaches the first or last
   slice or the side of the field of view, or whose volume is implausible for a chest, is warned about.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +50,7 @@ __all__ = [
     "format_bytes",
     "check_declared_size",
     "nifti_nonfinite_mask",
+    "nifti_form_warnings",
     "repair_nonfinite",
     "regularize_slices",
     "lung_extent_warnings",
@@ -253,6 +257,29 @@ def nifti_nonfinite_mask(path: str | os.PathLike) -> np.ndarray | None:
     while bad.ndim > 3 and bad.shape[-1] == 1:
         bad = bad[..., 0]
     return bad if bad.any() else None
+
+
+def nifti_form_warnings(path: str | os.PathLike, spacing: Sequence[float]) -> list[str]:
+    """A warning when a NIfTI header's two geometries (qform and sform, both set) disagree.
+
+    Readers differ in which one they use (SimpleITK 2.5 may take the qform where nibabel takes the
+    sform), so the voxel size, and with it every volume, depends on the reader; ``spacing`` (what was
+    read) names the one used.
+    """
+    import nibabel as nib
+
+    hdr = nib.load(str(path)).header
+    q, s = hdr.get_qform(coded=True)[0], hdr.get_sform(coded=True)[0]
+    if q is None or s is None or np.allclose(q, s, atol=1e-3):
+        return []
+    zq, zs = (np.sqrt((m[:3, :3] ** 2).sum(axis=0)) for m in (q, s))
+    used = "sform" if np.allclose(zs, spacing, rtol=1e-3) else "qform" if np.allclose(zq, spacing, rtol=1e-3) else "?"
+
+    def fmt(z: np.ndarray) -> str:
+        return "x".join(f"{v:.3g}" for v in z)
+
+    return [f"the NIfTI header's qform and sform disagree (voxel size {fmt(zq)} vs {fmt(zs)} mm, origin "
+            f"{fmt(q[:3, 3])} vs {fmt(s[:3, 3])} mm): read with the {used}; check which is right"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 
 from monai_ext.errors import NotAVolumeError, NotCTError
-from monai_ext.io.checks import InputReport, nifti_nonfinite_mask, repair_nonfinite
+from monai_ext.io.checks import InputReport, nifti_form_warnings, nifti_nonfinite_mask, repair_nonfinite
 from monai_ext.io.reader import WARNINGS_KEY, SITKReader
 
 __all__ = ["load_ct", "read_ct", "validate_ct", "MIN_SLICES", "MIN_INPLANE"]
@@ -93,10 +93,13 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
     for line in str(meta.pop(WARNINGS_KEY, "")).splitlines():
         report.warn(line)
     validate_ct(array, path)
-    nifti_bad = nifti_nonfinite_mask(path) if str(path).lower().endswith((".nii", ".nii.gz")) else None
-    if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
-        array = array.astype(np.float32, copy=False)
-        array[nifti_bad] = np.nan
+    if str(path).lower().endswith((".nii", ".nii.gz")):
+        for line in nifti_form_warnings(path, meta["sitk_spacing"]):
+            report.warn(line)
+        nifti_bad = nifti_nonfinite_mask(path)
+        if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
+            array = array.astype(np.float32, copy=False)
+            array[nifti_bad] = np.nan
     meta["filename_or_obj"] = str(Path(path))
     img = MetaTensor(torch.from_numpy(array).to(dtype)[None], meta=meta)
     if orientation is not None:

@@ -223,3 +223,18 @@ def test_series_cut_short_through_the_lung_is_warned(tmp_path, small_real_ct):
     assert any(w.startswith("the lung reaches the last slice of the volume") for w in warnings), warnings
     tiny = lung_extent_warnings(lung, [s / 10 for s in spacing])  # a header with voxels 10 times too small
     assert any("lung volume 6 ml is implausible" in w for w in tiny), tiny
+
+
+def test_nifti_qform_and_sform_that_disagree_are_warned(tmp_path, small_real_ct):
+    vol, affine = small_real_ct
+    img = nib.Nifti1Image(vol, affine)
+    img.set_qform(affine @ np.diag([1.0, 1.0, 0.5, 1.0]), code=1)  # 3 mm slices in the qform, 6 mm in the sform
+    img.set_sform(affine, code=1)
+    nib.save(img, str(tmp_path / "forms.nii.gz"))
+    ct, report = read_ct(tmp_path / "forms.nii.gz")
+    assert float(ct.pixdim[2]) == pytest.approx(3.0)  # SimpleITK takes the qform here, nibabel the sform
+    assert len(report.warnings) == 1
+    assert report.warnings[0].startswith("the NIfTI header's qform and sform disagree (voxel size 3.91x3.91x3 vs "
+                                         "3.91x3.91x6 mm")
+    assert report.warnings[0].endswith("read with the qform; check which is right")
+    assert read_ct(_nifti(vol, affine, tmp_path / "agree.nii.gz"))[1].warnings == []
