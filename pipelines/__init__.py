@@ -5,6 +5,7 @@ dask and GPU specifics live here; :mod:`monai_ext` stays importable without them
 
 from __future__ import annotations
 
+import importlib.resources
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -13,11 +14,27 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "EMBEDDED_LUNG_NET"]
+__all__ = ["__version__", "embedded_bundle", "EMBEDDED_LUNG_NET"]
+
+
+def embedded_bundle() -> Path:
+    """The folder of the bundle shipped with ct-severity, wherever the package is installed.
+
+    The bundle is the data-only package ``ct_severity`` (``bundles/ct_severity`` in the source tree), found
+    with ``importlib.resources``: in a wheel or after ``pip install .`` it lies in site-packages, in an
+    editable install in the checkout. Only a source tree used without installing (``PYTHONPATH``) falls
+    back to ``bundles/ct_severity`` beside ``pipelines/``.
+    """
+    try:
+        root = importlib.resources.files("ct_severity")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "bundles" / "ct_severity"
+    return Path(str(root))
+
 
 #: the project's lung U-Net shipped in the embedded bundle: the library's default for the ``unet``
 #: lung mask backend (``auto`` uses it when the lungmask R231 weights are not on disk)
-EMBEDDED_LUNG_NET = Path(__file__).resolve().parents[1] / "bundles" / "ct_severity" / "models" / "lung_net.pt"
+EMBEDDED_LUNG_NET = embedded_bundle() / "models" / "lung_net.pt"
 
 
 def _register_lung_net() -> None:

@@ -28,9 +28,11 @@ from monai.metrics import compute_roc_auc
 
 from monai_ext.errors import CTSeverityError, InputNotFoundError, ModelChecksumError
 from monai_ext.io import atomic_path, atomic_write_text
+from pipelines import embedded_bundle
 
 __all__ = [
     "EMBEDDED_BUNDLE",
+    "embedded_bundle",
     "bundle_path",
     "LoadedModel",
     "load_model",
@@ -50,8 +52,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: the bundle shipped with ct-severity (source checkout or editable install)
-EMBEDDED_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ct_severity"
+#: the bundle shipped with ct-severity (:func:`embedded_bundle`)
+EMBEDDED_BUNDLE = embedded_bundle()
 
 
 def bundle_path(path: str | os.PathLike | None = None) -> Path:
