@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,10 +50,12 @@ __all__ = [
     "parse_memory",
     "format_bytes",
     "check_declared_size",
+    "attached_data_offset",
     "nifti_nonfinite_mask",
     "nifti_form_warnings",
     "repair_nonfinite",
     "regularize_slices",
+    "slices_even",
     "lung_extent_warnings",
 ]
 
@@ -190,16 +193,41 @@ def check_declared_size(path: str | os.PathLike, shape: tuple[int, ...], bytes_p
     dims = _shape_text(shape, what)
     size = Path(path).stat().st_size
     if file_bytes is not None and data_offset is not None and data_offset + declared > file_bytes:
+        want, have = format_bytes(declared), format_bytes(max(0, file_bytes - data_offset))
+        if want == have:  # a few bytes short: exact counts
+            want, have = f"{declared} bytes", f"{max(0, file_bytes - data_offset)} bytes"
         raise InputTooLargeError(
-            f"the header declares a {dims} image ({format_bytes(declared)} of voxel data) but the file holds "
-            f"{'' if exact else 'at most '}{format_bytes(max(0, file_bytes - data_offset))} of data "
-            f"({format_bytes(size)} on disk): "
+            f"the header declares a {dims} image ({want} of voxel data) but the file holds "
+            f"{'' if exact else 'at most '}{have} of data ({format_bytes(size)} on disk): "
             "truncated file or wrong header", path)
     if max_bytes is not None and n_vox * BYTES_PER_VOXEL > max_bytes:
         raise InputTooLargeError(
             f"the header declares a {dims} image: processing it needs about {format_bytes(n_vox * BYTES_PER_VOXEL)}, "
             f"more than the memory budget of {format_bytes(max_bytes)} (--max-memory); the file is "
             f"{format_bytes(size)}", path)
+
+
+def attached_data_offset(path: str | os.PathLike) -> int | None:
+    """Where the raw voxels of an uncompressed MHA (``ElementDataFile = LOCAL``) or NRRD (``encoding: raw``,
+    data attached) file start; ``None`` for compressed or detached data and other formats."""
+    name = str(path).lower()
+    if not name.endswith((".mha", ".nrrd")):
+        return None
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if name.endswith(".mha"):
+        text = head.decode("latin-1")
+        m = re.search(r"^ElementDataFile\s*=\s*(\S+)[^\n]*\n", text, re.M)
+        if m is None or m.group(1).upper() != "LOCAL" or re.search(r"^CompressedData\s*=\s*True", text, re.M | re.I):
+            return None
+        return m.end()
+    end = head.find(b"\n\n")
+    if end < 0:
+        return None
+    text = head[:end].decode("latin-1").lower()
+    if re.search(r"^data ?file:", text, re.M) or not re.search(r"^encoding:\s*raw\s*$", text, re.M):
+        return None
+    return end + 2
 
 
 def gzip_content_bound(path: str | os.PathLike) -> int:
@@ -384,6 +412,16 @@ def _mm(v: float) -> str:
     return f"{v:.2f}".rstrip("0").rstrip(".") + " mm"
 
 
+def slices_even(positions: np.ndarray) -> bool:
+    """Whether slice positions (along the normal, in file order) rise in steps within
+    :data:`SPACING_TOLERANCE` of their median: nothing for :func:`regularize_slices` to do."""
+    steps = np.diff(np.asarray(positions, dtype=np.float64))
+    if steps.size == 0:
+        return True
+    med = float(np.median(steps))
+    return med > 1e-3 and bool(np.all(np.abs(steps - med) <= SPACING_TOLERANCE * med))
+
+
 def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputReport, names: list[str] | None = None,
                       path: str | os.PathLike | None = None) -> tuple[np.ndarray, float, float]:
     """Put the slices of a series on an even grid along their normal, or refuse.
@@ -438,7 +476,7 @@ def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputRep
         pos, stack = pos[keep], stack[keep]
         steps = np.diff(pos)
         med = float(np.median(steps))
-    if np.all(np.abs(steps - med) <= SPACING_TOLERANCE * med):
+    if slices_even(pos):
         return stack, float(pos[0]), float((pos[-1] - pos[0]) / (len(pos) - 1))
     n_new = int(round((pos[-1] - pos[0]) / med)) + 1
     gaps = np.flatnonzero(steps > 1.5 * med)

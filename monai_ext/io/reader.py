@@ -26,7 +26,14 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from monai_ext.errors import CorruptImageError, InputNotFoundError, NoDicomSeriesError, NotAnImageError
-from monai_ext.io.checks import InputReport, check_declared_size, nifti_header_guard, regularize_slices
+from monai_ext.io.checks import (
+    InputReport,
+    attached_data_offset,
+    check_declared_size,
+    nifti_header_guard,
+    regularize_slices,
+    slices_even,
+)
 
 __all__ = ["SITKReader", "SUPPORTED_SUFFIXES", "WARNINGS_KEY", "read_sitk_image", "dicom_series"]
 
@@ -112,10 +119,13 @@ def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, max_
 
 
 def _check_budget(path: Path, size: Sequence[int], pixel_id: int, components: int, max_bytes: int | None) -> None:
-    """:func:`check_declared_size` from what SimpleITK read of a header (no file-size check)."""
+    """:func:`check_declared_size` from what SimpleITK read of a header; the file size too for uncompressed
+    MHA and NRRD files with their data attached."""
     dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype
     shape = (*size, components) if components > 1 else tuple(size)
-    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_bytes)
+    offset = attached_data_offset(path) if path.is_file() else None
+    check_declared_size(path, shape, dtype.itemsize, str(dtype), max_bytes, data_offset=offset,
+                        file_bytes=None if offset is None else path.stat().st_size)
 
 
 def _read_series(folder: Path, series_uid: str | None, max_bytes: int | None = None) -> sitk.Image:
@@ -178,6 +188,8 @@ def _even_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, files: Sequenc
         return img
     normal = np.cross(iop[:3], iop[3:])
     pos = ipp @ normal
+    if slices_even(pos):  # the usual case: GDCM's order and spacing are right, no copy of the pixels
+        return img
     report = InputReport(path=str(folder))
     stack, first, step = regularize_slices(sitk.GetArrayFromImage(img), pos, report, list(files), folder)
     if not report.warnings:

@@ -187,6 +187,16 @@ def test_truncated_file_is_refused(tmp_path):
         load_ct(path)
 
 
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_truncated_mha_and_nrrd_are_refused(tmp_path, small_real_ct, suffix):
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(small_real_ct[0].T.copy()), str(path), False)  # uncompressed
+    path.write_bytes(path.read_bytes()[:-4096])
+    with pytest.raises(InputTooLargeError, match=r"declares a 128x128x47 int16 image \(1540096 bytes of voxel data\) "
+                                                 r"but the file holds 1536000 bytes of data"):
+        load_ct(path)
+
+
 def test_memory_budget(tmp_path, small_real_ct, slab, ct_series):
     path = _nifti(*small_real_ct, tmp_path / "ct.nii.gz")
     with pytest.raises(InputTooLargeError, match=r"128x128x47 int16 image: processing it needs about 35.2 MB, more "
