@@ -3,7 +3,7 @@
 An input is a study file (NIfTI, NRRD, MHA), a DICOM series folder, a folder of studies (searched
 recursively: every image file and every folder holding DICOM files is one study), or a CSV
 manifest with a ``path`` column. Masks and outputs written by ct-severity beside the studies
-(``*_lesion``, ``*_lung``, ``*_mask``, ``heatmap``...) are not studies.
+(``*_lesion``, ``*_lung``, ``*_mask``, ``heatmap``..., the DICOM outputs in ``<study>/dicom/``) are not studies.
 
 Symbolic links are followed, as ``find -L`` does (a folder of links to DICOM series folders is a
 folder of studies); a link back to a folder already searched is not searched again, so link loops
@@ -69,6 +69,12 @@ def _looks_like_dicom(p: Path) -> bool:
         return False
 
 
+def _is_dicom_output(folder: Path) -> bool:
+    """Whether ``folder`` holds ct-severity's own DICOM outputs of a study (``<study>/dicom/`` beside its
+    ``result.json``, with the generated CT series in ``dicom/ct/``): they are results, not studies."""
+    return any(p.name == "dicom" and (p.parent / "result.json").is_file() for p in (folder, *folder.parents))
+
+
 def _walk(root: Path) -> Iterable[Path]:
     """Study files and DICOM folders below ``root``, following symbolic links, each real folder once."""
     seen: set[str] = set()
@@ -81,7 +87,7 @@ def _walk(root: Path) -> Iterable[Path]:
         dirnames[:] = sorted(n for n in dirnames if os.path.realpath(os.path.join(dirpath, n)) not in seen)
         d = Path(dirpath)
         files = sorted(filenames)
-        if any(_looks_like_dicom(d / f) for f in files):
+        if any(_looks_like_dicom(d / f) for f in files) and not _is_dicom_output(d):
             yield d
         for f in files:
             if _is_study_file(d / f):

@@ -48,9 +48,9 @@ def study_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
     """The DICOM outputs of a study as the pipeline asks for them (:func:`write_dicom_outputs`).
 
     With ``required`` (``--dicom-out``) they are written for any input, and a failure fails the study. Without
-    it they are written for DICOM series inputs; a series whose files do not match the grid read (slices the
-    reader had to put on an even grid) then gets none, with a warning (logged, and in ``result["warnings"]``
-    where the result keeps warnings).
+    it they are written for DICOM series inputs; a series whose files do not lie on the grid read (a series the
+    reader resampled to an even slice step) then gets none, with a warning (logged, and in
+    ``result["warnings"]`` where the result keeps warnings).
     """
     if not required and not is_dicom_input(path, ct.meta):
         return {}
@@ -59,11 +59,15 @@ def study_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
     except CTSeverityError as exc:
         if required:
             raise
-        message = f"no DICOM outputs: {exc.reason}"
-        log.warning("%s: %s", result.get("study"), message)
-        if isinstance(result.get("warnings"), list):
-            result["warnings"].append(message)
+        _warn(result, f"no DICOM outputs: {exc.reason}")
         return {}
+
+
+def _warn(result: dict, message: str) -> None:
+    """Log a warning about a study's DICOM outputs and keep it in its result (where the result keeps warnings)."""
+    log.warning("%s: %s", result.get("study"), message)
+    if isinstance(result.get("warnings"), list):
+        result["warnings"].append(message)
 
 
 def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, ct, lung: np.ndarray,
@@ -94,17 +98,24 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
 
     outputs: dict[str, str] = {}
     if is_dicom_input(path, meta):
-        source = source_headers(path, meta["ctseverity|series_uid"], grid)
+        source, indices = source_headers(path, meta["ctseverity|series_uid"], grid)
     else:
         hu = on_input_grid(np.asarray(ct[0], dtype=np.float32))
         source = ct_series_from_grid(hu, grid, description=f"ct-severity input {result.get('study', '')}")
+        indices = list(range(grid.shape[2]))
         folder = sdir / DICOM_DIR / "ct"
         _write_folder(source, folder)
         outputs["dicom_ct"] = f"{DICOM_DIR}/ct"
+    lung_frames = frames(on_input_grid(lung.astype(np.uint8)))
+    lesion_frames = frames(on_input_grid(lesion.astype(np.uint8)))
+    missing = sorted(set(range(grid.shape[2])) - set(indices))
+    if missing:
+        _warn(result, f"{len(missing)} slice(s) filled in by the reader have no source image: the DICOM SEG leaves "
+                      f"out their {int(lung_frames[missing].sum())} lung and {int(lesion_frames[missing].sum())} "
+                      "lesion voxels")
     settings = {k: result.get(k) for k in SETTING_KEYS}
     sha = (result.get("model") or {}).get("sha256")
-    seg = lung_lesion_segmentation(source, frames(on_input_grid(lung.astype(np.uint8))),
-                                   frames(on_input_grid(lesion.astype(np.uint8))), str(result["method"]),
+    seg = lung_lesion_segmentation(source, lung_frames[indices], lesion_frames[indices], str(result["method"]),
                                    settings, sha, lung_backend)
     sr = measurement_report(source, seg, result, settings)
     for key, name, ds in (("dicom_seg", "seg.dcm", seg), ("dicom_sr", "sr.dcm", sr)):

@@ -2,8 +2,9 @@
 
 A DICOM Segmentation frame and an SR measurement must point at the exact image they were computed on. For
 a DICOM series input that is the series SimpleITK read (:func:`monai_ext.io.reader.dicom_series`, slices
-sorted by position by GDCM): slice ``k`` of the input grid is file ``k`` of that list. :func:`source_headers`
-reads those headers (no pixel data) and checks that they describe the grid the pipeline worked on.
+sorted by position by GDCM): slice ``k`` of the input grid is the file at that slice's position.
+:func:`source_headers` reads those headers (no pixel data) and finds each one's slice on the grid the
+pipeline worked on.
 
 For a NIfTI, NRRD or MHA input (``--dicom-out``) :func:`ct_series_from_grid` makes a CT image series of the
 input grid with generated UIDs, written beside the SEG and SR so that they have images to refer to.
@@ -46,8 +47,13 @@ def _slice_position(grid: ReferenceGrid, k: int) -> np.ndarray:
     return grid.origin + k * grid.spacing[2] * direction[:, 2]
 
 
-def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGrid) -> list[Dataset]:
-    """The headers (without pixel data) of the DICOM series the pipeline read, in the order of its slices.
+def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGrid
+                   ) -> tuple[list[Dataset], list[int]]:
+    """The headers (without pixel data) of the DICOM series the pipeline read, and the slice of the grid each is.
+
+    Every file must lie on a slice of ``grid``: its Image Position (Patient) within 0.05 mm of the slice's
+    position, the same rows and columns, one frame. Slices without a file (missing slices the reader filled in
+    by interpolation) have no source image.
 
     Args:
         folder: the study's DICOM folder.
@@ -55,32 +61,34 @@ def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGr
         grid: the input grid (:func:`monai_ext.io.writer.reference_grid` of the image metadata).
 
     Returns:
-        One dataset per slice: element ``k`` is slice ``k`` of ``grid``.
+        The headers in slice order and, for each, its slice index ``k`` on ``grid``.
 
     Raises:
         NoDicomSeriesError: the series is no longer in the folder.
-        CTSeverityError: the files do not describe ``grid`` (another slice count, multi-frame images, a
-            slice whose position is off the grid), so frames could not be mapped onto them exactly.
+        CTSeverityError: a file that is not one slice of ``grid`` (multi-frame, another size, off the slice
+            positions: a series the reader resampled to an even slice step), or two files on one slice.
     """
     series = dicom_series(folder)
     if series_uid not in series:
         raise NoDicomSeriesError(f"no series {series_uid!r} to refer the DICOM outputs to", folder)
-    files = series[series_uid]
     nx, ny, nz = grid.shape
-    if len(files) != nz:
-        raise CTSeverityError(f"series {series_uid} has {len(files)} files for {nz} slices; DICOM outputs need "
-                              "one single-frame image per slice", folder)
-    headers = []
-    for k, name in enumerate(files):
+    normal = grid.direction.reshape(3, 3)[:, 2]
+    by_slice: dict[int, Dataset] = {}
+    for name in series[series_uid]:
         ds = pydicom.dcmread(name, stop_before_pixels=True)
         if int(ds.get("NumberOfFrames", 1) or 1) != 1 or (int(ds.Rows), int(ds.Columns)) != (ny, nx):
             raise CTSeverityError(f"{Path(name).name} is not a single {nx}x{ny} slice of the grid read", folder)
         position = np.asarray([float(v) for v in ds.ImagePositionPatient])
-        if np.linalg.norm(position - _slice_position(grid, k)) > _POSITION_TOL_MM:
-            raise CTSeverityError(f"{Path(name).name} lies off slice {k} of the grid read (slices unevenly "
-                                  "spaced?); DICOM outputs could not refer to it exactly", folder)
-        headers.append(ds)
-    return headers
+        k = int(round(float((position - grid.origin) @ normal) / grid.spacing[2]))
+        if not 0 <= k < nz or np.linalg.norm(position - _slice_position(grid, k)) > _POSITION_TOL_MM:
+            raise CTSeverityError(f"{Path(name).name} lies off the slices of the grid read (a series resampled to "
+                                  "an even slice step); DICOM outputs could not refer to it exactly", folder)
+        if k in by_slice:
+            raise CTSeverityError(f"{Path(name).name} and another file lie on slice {k}; DICOM outputs need one "
+                                  "image per slice", folder)
+        by_slice[k] = ds
+    indices = sorted(by_slice)
+    return [by_slice[k] for k in indices], indices
 
 
 def _now() -> tuple[str, str]:

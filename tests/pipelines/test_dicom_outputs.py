@@ -27,6 +27,7 @@ from monai_ext.io.reader import dicom_series
 from monai_ext.io.writer import ReferenceGrid
 from pipelines.cli import main
 from pipelines.dicom import grade_code, source_headers
+from pipelines.discovery import find_studies
 
 
 def _dciodvfy(path: Path) -> list[str]:
@@ -97,6 +98,8 @@ def test_seg_read_back_equals_the_nifti_masks_on_the_source_slices(dicom_run):
     assert seg.StudyInstanceUID == source[0].StudyInstanceUID
     assert seg.FrameOfReferenceUID == source[0].FrameOfReferenceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
+    with pytest.raises(CTSeverityError, match="no CT study found"):  # the SEG and SR are not studies
+        find_studies([study.parent])
 
 
 def test_seg_segments_name_method_and_threshold(dicom_run):
@@ -167,15 +170,22 @@ def test_no_patient_identifier_outside_the_dicom_outputs(dicom_run):
     assert identifiers["PatientID"].encode() in seg  # the check above would see them
 
 
-def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def crop_nifti(dicom_crop_series, tmp_path_factory) -> Path:
+    """The DICOM crop as a NIfTI file (SimpleITK, voxels and grid unchanged)."""
     series, _ = dicom_crop_series
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(dicom_series(series).popitem()[1])
-    ct = reader.Execute()
-    nifti = tmp_path / "chest.nii.gz"
-    sitk.WriteImage(ct, str(nifti), useCompression=True)
+    path = tmp_path_factory.mktemp("crop_nifti") / "chest.nii.gz"
+    sitk.WriteImage(reader.Execute(), str(path), useCompression=True)
+    return path
+
+
+def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series, crop_nifti, tmp_path, capsys):
+    series, _ = dicom_crop_series
+    ct = sitk.ReadImage(str(crop_nifti))
     out = tmp_path / "out"
-    assert main(["-q", "run", str(nifti), "--out", str(out), "--method", "hirescam", "--dicom-out"]) == 0, \
+    assert main(["-q", "run", str(crop_nifti), "--out", str(out), "--method", "hirescam", "--dicom-out"]) == 0, \
         capsys.readouterr()
     study = out / "chest"
     result = json.loads((study / "result.json").read_text())
@@ -183,6 +193,7 @@ def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series
     files = sorted((study / "dicom" / "ct").glob("*.dcm"))
     assert len(files) == ct.GetSize()[2]
     # the generated series is the input, voxel for voxel, on the same grid
+    reader = sitk.ImageSeriesReader()
     reader.SetFileNames(dicom_series(study / "dicom" / "ct").popitem()[1])
     back = reader.Execute()
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(ct))
@@ -197,17 +208,64 @@ def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series
         dicom_series(series).popitem()[1][0], stop_before_pixels=True).StudyInstanceUID
     for path in (files[0], study / "dicom" / "seg.dcm", study / "dicom" / "sr.dcm"):
         assert _dciodvfy(path) == [], path
+    with pytest.raises(CTSeverityError, match="no CT study found"):  # the outputs are not studies
+        find_studies([out])
 
 
-def test_source_slices_off_the_grid_are_refused(dicom_crop_series):
+def test_source_slices_are_found_on_the_grid_or_refused(dicom_crop_series):
     series, _ = dicom_crop_series
     (uid, files), = dicom_series(series).items()
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     origin = np.asarray([float(v) for v in first.ImagePositionPatient])
     spacing = np.asarray([float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), 1.25])
-    shape = (int(first.Columns), int(first.Rows), len(files))
-    assert len(source_headers(series, uid, ReferenceGrid(shape, np.eye(4), origin, spacing, np.eye(3)))) == len(files)
-    with pytest.raises(CTSeverityError, match="off slice 1"):
-        source_headers(series, uid, ReferenceGrid(shape, np.eye(4), origin, spacing * [1, 1, 1.1], np.eye(3)))
-    with pytest.raises(CTSeverityError, match="24 files for 25 slices"):
-        source_headers(series, uid, ReferenceGrid((*shape[:2], 25), np.eye(4), origin, spacing, np.eye(3)))
+    shape = (int(first.Columns), int(first.Rows))
+    assert len(files) == 24
+
+    def grid(n=24, step=1.0, shift=0.0):
+        return ReferenceGrid((*shape, n), np.eye(4), origin + [0, 0, shift], spacing * [1, 1, step], np.eye(3))
+
+    headers, indices = source_headers(series, uid, grid())
+    assert indices == list(range(len(files))) and [h.SOPInstanceUID for h in headers] == [
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    # a grid one slice longer (a slice the reader filled in): that slice has no source image
+    assert source_headers(series, uid, grid(n=25, shift=-1.25))[1] == list(range(1, 25))
+    with pytest.raises(CTSeverityError, match="off the slices"):
+        source_headers(series, uid, grid(step=1.1))
+    with pytest.raises(CTSeverityError, match="off the slices"):
+        source_headers(series, uid, grid(shift=0.6))
+
+
+def test_a_missing_slice_has_no_frame_and_the_others_map_exactly(dicom_crop_series, tmp_path, capsys):
+    """The reader fills a missing slice in by interpolation; the SEG refers to the 23 real slices only."""
+    series, _ = dicom_crop_series
+    gap = tmp_path / "gap"
+    shutil.copytree(series, gap)
+    (gap / "slice_012.dcm").unlink()
+    out = tmp_path / "out"
+    assert main(["-q", "run", str(gap), "--out", str(out), "--method", "hirescam"]) == 0, capsys.readouterr()
+    result = json.loads((out / "gap" / "result.json").read_text())
+    assert any("missing slice" in w for w in result["warnings"]), result["warnings"]
+    assert any("have no source image" in w for w in result["warnings"]), result["warnings"]
+    (files,) = dicom_series(gap).values()
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    seg = hd.seg.segread(out / "gap" / "dicom" / "seg.dcm")
+    real = [k for k in range(24) if k != 12]
+    for number, name in ((1, "lung_mask.nii.gz"), (2, "lesion_mask.nii.gz")):
+        mask = _mask(out / "gap" / name)
+        assert mask.shape[0] == 24 and mask[12].any()
+        assert np.array_equal(_seg_volume(seg, uids, number), mask[real])
+    assert _dciodvfy(out / "gap" / "dicom" / "seg.dcm") == []
+
+
+def test_dicom_out_reruns_a_study_done_without_and_then_resumes(crop_nifti, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["-q", "run", str(crop_nifti), "--out", str(out), "--method", "density"]
+    assert main(args) == 0
+    assert not (out / "chest" / "dicom").exists()
+    first = json.loads((out / "chest" / "result.json").read_text())
+    assert main([*args, "--dicom-out"]) == 0
+    second = json.loads((out / "chest" / "result.json").read_text())
+    assert second["fingerprint"] != first["fingerprint"] and (out / "chest" / second["outputs"]["dicom_seg"]).exists()
+    capsys.readouterr()
+    assert main([*args, "--dicom-out"]) == 0
+    assert "1 already complete" in capsys.readouterr().out
