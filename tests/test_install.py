@@ -57,7 +57,7 @@ def test_wheel_carries_the_embedded_bundle(wheel):
     bundle_files = {p.relative_to(BUNDLE).as_posix() for p in BUNDLE.rglob("*")
                     if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
     assert {"configs/inference.json", "configs/metadata.json", "models/model.pt", "models/model.json",
-            "docs/README.md", "docs/licenses/LICENSE_CIP.txt"} <= bundle_files
+            "docs/README.md", "docs/licenses/LICENSE_CIP.txt", "docs/licenses/README.md"} <= bundle_files
     missing = sorted(f for f in bundle_files if f"ct_severity/{f}" not in names)
     assert not missing, f"bundle files missing from the wheel: {missing}"
     assert "pipelines/dicom/seg.py" in names and "monai_ext/io/reader.py" in names
