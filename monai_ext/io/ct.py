@@ -20,7 +20,13 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 
 from monai_ext.errors import NotAVolumeError, NotCTError
-from monai_ext.io.checks import InputReport, nifti_form_warnings, nifti_nonfinite_mask, repair_nonfinite
+from monai_ext.io.checks import (
+    InputReport,
+    default_max_memory,
+    nifti_form_warnings,
+    nifti_nonfinite_mask,
+    repair_nonfinite,
+)
 from monai_ext.io.reader import WARNINGS_KEY, SITKReader
 
 __all__ = ["load_ct", "read_ct", "validate_ct", "MIN_SLICES", "MIN_INPLANE"]
@@ -86,7 +92,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
         The errors of :func:`load_ct`.
     """
     report = InputReport(path=str(path))
-    reader = SITKReader(series_uid=series_uid, max_bytes=max_bytes)
+    reader = SITKReader(series_uid=series_uid, max_bytes=default_max_memory() if max_bytes is None else max_bytes)
     array, meta = reader.get_data(reader.read(str(path)))
     if not np.isnan(meta.get("original_channel_dim", float("nan"))):
         raise NotAVolumeError("has several components per voxel (a colour image?); a CT volume is needed", path)
@@ -126,7 +132,8 @@ def load_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
             The metadata keeps the original grid, so :func:`monai_ext.io.write_like` writes
             results back on it voxel-exactly.
         dtype: output dtype.
-        max_bytes: memory budget of the study, checked from the header before reading.
+        max_bytes: memory budget of the study, checked from the header before reading (``None``:
+            :func:`~monai_ext.io.checks.default_max_memory`, three quarters of the machine's memory).
 
     Returns:
         The volume with ``affine``, ``original_affine``, ``spatial_shape`` and the SimpleITK

@@ -97,3 +97,17 @@ def test_bad_limits_are_usage_errors(damaged, tmp_path, capsys):
     assert "not a memory size: 'lots'" in capsys.readouterr().err
     assert main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(tmp_path), "--study-timeout", "0"]) == 2
     assert "time limit must be positive" in capsys.readouterr().err
+
+
+def test_huge_header_is_one_line_before_any_allocation(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    path = tmp_path / "huge.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 64, 64), -1000, np.int16)), str(path), True)  # compressed
+    path.write_bytes(path.read_bytes().replace(b"DimSize = 64 64 20", b"DimSize = 30000 30000 3000"))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "allocate" not in err
+    assert err.startswith(f"ctseverity inspect: error: {path}: the header declares a 30000x30000x3000 int16 image: "
+                          "processing it needs about 117.9 TB, more than the memory budget of")
+    assert err.endswith("(--max-memory); the file is 1.0 kB")
