@@ -1,5 +1,6 @@
-"""DICOM outputs of a study: a DICOM Segmentation (lung and lesion segments) and a TID 1500 measurement report
-(Comprehensive 3D SR), written with highdicom and referring to the source series slice by slice.
+"""DICOM outputs of a study: a DICOM Segmentation (lung and lesion segments), a TID 1500 measurement report
+(Comprehensive 3D SR), written with highdicom and referring to the source series slice by slice, and the
+overview figure as a Secondary Capture.
 
 See ``docs/dicom_outputs.md``.
 """
@@ -14,6 +15,7 @@ from pipelines.dicom.outputs import (
     wants_dicom,
     write_dicom_outputs,
 )
+from pipelines.dicom.sc import overview_capture
 from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT, lesion_description, lung_lesion_segmentation
 from pipelines.dicom.source import MANUFACTURER, ct_series_from_grid, frames, source_headers, write_series
 from pipelines.dicom.sr import algorithm_parameters, measurement_report
@@ -32,6 +34,7 @@ __all__ = [
     "lesion_description",
     "lung_lesion_segmentation",
     "measurement_report",
+    "overview_capture",
     "source_headers",
     "study_dicom_outputs",
     "wants_dicom",

@@ -1,4 +1,5 @@
-"""Writing a study's DICOM outputs: a Segmentation and a measurement report SR, in ``<study>/dicom/``.
+"""Writing a study's DICOM outputs: a Segmentation, a measurement report SR and the overview figure as a
+Secondary Capture, in ``<study>/dicom/``.
 
 For a DICOM series input they join the source study (its patient, study and frame-of-reference) and refer
 to the source series; a PACS stores them beside it. For other inputs (on request) a CT series of the input
@@ -18,6 +19,7 @@ import numpy as np
 from monai_ext.errors import CTSeverityError
 from monai_ext.io import atomic_path
 from monai_ext.io.writer import reference_grid, to_reference_grid
+from pipelines.dicom.sc import overview_capture
 from pipelines.dicom.seg import lung_lesion_segmentation
 from pipelines.dicom.source import ct_series_from_grid, frames, source_headers, write_series
 from pipelines.dicom.sr import measurement_report
@@ -72,7 +74,8 @@ def _warn(result: dict, message: str) -> None:
 
 def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, ct, lung: np.ndarray,
                         lesion: np.ndarray, result: dict, lung_backend: str) -> dict[str, str]:
-    """Write ``dicom/seg.dcm`` and ``dicom/sr.dcm`` (and ``dicom/ct/`` for inputs that are not DICOM).
+    """Write ``dicom/seg.dcm``, ``dicom/sr.dcm``, ``dicom/overview.dcm`` (the overview figure as a Secondary
+    Capture, when the study has one) and, for inputs that are not DICOM, ``dicom/ct/``.
 
     Args:
         study_dir: the study's output folder.
@@ -83,7 +86,8 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
         lung_backend: the lung mask backend of the run.
 
     Returns:
-        The outputs written, relative to ``study_dir`` (keys ``dicom_seg``, ``dicom_sr``, ``dicom_ct``).
+        The outputs written, relative to ``study_dir`` (keys ``dicom_seg``, ``dicom_sr``, ``dicom_overview``,
+        ``dicom_ct``).
 
     Raises:
         CTSeverityError: a DICOM input whose files do not match the grid read.
@@ -118,7 +122,12 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
     seg = lung_lesion_segmentation(source, lung_frames[indices], lesion_frames[indices], str(result["method"]),
                                    settings, sha, lung_backend)
     sr = measurement_report(source, seg, result, settings)
-    for key, name, ds in (("dicom_seg", "seg.dcm", seg), ("dicom_sr", "sr.dcm", sr)):
+    written = [("dicom_seg", "seg.dcm", seg), ("dicom_sr", "sr.dcm", sr)]
+    overview = (result.get("outputs") or {}).get("overview")
+    if overview and (sdir / overview).is_file():
+        written.append(("dicom_overview", "overview.dcm", overview_capture(source, sdir / overview,
+                                                                          str(result["method"]))))
+    for key, name, ds in written:
         with atomic_path(sdir / DICOM_DIR / name) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
         outputs[key] = f"{DICOM_DIR}/{name}"

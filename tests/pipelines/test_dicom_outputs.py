@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 from monai_ext.errors import CTSeverityError
 from monai_ext.io.reader import dicom_series
@@ -37,7 +38,7 @@ def _dciodvfy(path: Path) -> list[str]:
         pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)", pytrace=False)
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
-    assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage") for ln in lines), lines
+    assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage", "SCImage") for ln in lines), lines
     return [ln for ln in lines if ln.startswith("Error")]
 
 
@@ -145,10 +146,20 @@ def test_sr_is_a_tid1500_report_of_the_result(dicom_run):
     assert seg.SOPInstanceUID in evidence and len(evidence) == 25  # the SEG and the 24 source slices
 
 
-def test_seg_and_sr_pass_dciodvfy(dicom_run):
+def test_seg_sr_and_overview_capture_pass_dciodvfy(dicom_run):
     study = dicom_run[3]
-    for name in ("seg.dcm", "sr.dcm"):
+    for name in ("seg.dcm", "sr.dcm", "overview.dcm"):
         assert _dciodvfy(study / "dicom" / name) == [], name
+
+
+def test_overview_capture_is_the_overview_in_the_source_study(dicom_run):
+    series, _, _, study, result, _ = dicom_run
+    assert result["outputs"]["dicom_overview"] == "dicom/overview.dcm"
+    capture = pydicom.dcmread(study / "dicom" / "overview.dcm")
+    png = np.asarray(Image.open(study / "overview.png").convert("RGB"))
+    assert capture.PhotometricInterpretation == "RGB" and np.array_equal(capture.pixel_array, png)
+    source = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+    assert capture.StudyInstanceUID == source.StudyInstanceUID and capture.SeriesInstanceUID != source.SeriesInstanceUID
 
 
 def test_no_patient_identifier_outside_the_dicom_outputs(dicom_run):
@@ -269,3 +280,12 @@ def test_dicom_out_reruns_a_study_done_without_and_then_resumes(crop_nifti, tmp_
     capsys.readouterr()
     assert main([*args, "--dicom-out"]) == 0
     assert "1 already complete" in capsys.readouterr().out
+
+
+def test_no_dicom_out_on_a_dicom_series(dicom_crop_series, tmp_path):
+    series, _ = dicom_crop_series
+    out = tmp_path / "out"
+    assert main(["-q", "run", str(series), "--out", str(out), "--method", "density", "--no-dicom-out"]) == 0
+    result = json.loads((out / series.name / "result.json").read_text())
+    assert result["status"] == "ok" and not any(k.startswith("dicom") for k in result["outputs"])
+    assert not (out / series.name / "dicom").exists()
