@@ -17,8 +17,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pipelines import __version__
-from pipelines.dicom.source import MANUFACTURER
+from pipelines.dicom.source import new_series
 
 __all__ = ["overview_capture"]
 
@@ -41,14 +40,8 @@ def overview_capture(source: Sequence[Dataset], png: str | os.PathLike, method: 
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         patient_orientation=("L", "P"),
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=f"ct-severity overview ({method})"[:64],
-        software_versions=__version__,
+        **new_series(series_number, f"ct-severity overview ({method})"),
     )
     capture.BodyPartExamined = str(source[0].get("BodyPartExamined") or "CHEST")  # an unpaired part: no laterality
     return capture

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from pipelines import __version__
 from pipelines.dicom import codes
-from pipelines.dicom.source import MANUFACTURER
+from pipelines.dicom.source import new_series
 
 __all__ = ["lung_lesion_segmentation", "lesion_description", "LUNG_SEGMENT", "LESION_SEGMENT"]
 
@@ -94,17 +94,10 @@ def lung_lesion_segmentation(source: Sequence[Dataset], lung: np.ndarray, lesion
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[lung_desc, lesion_desc],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         manufacturer_model_name=f"ct-severity {method}"[:64],
-        software_versions=__version__,
         device_serial_number=(model_sha256 or "none")[:16],
         content_label="CTSEVERITY",
         content_description=f"Lung and lesions ({method})"[:64],
-        series_description=f"ct-severity lung and lesions ({method})"[:64],
         omit_empty_frames=True,
-        content_qualification=hd.ContentQualificationValues.RESEARCH,
+        **new_series(series_number, f"ct-severity lung and lesions ({method})"),
     )

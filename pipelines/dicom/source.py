@@ -26,14 +26,23 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from monai_ext.errors import CTSeverityError, NoDicomSeriesError
 from monai_ext.io.reader import dicom_series
 from monai_ext.io.writer import ReferenceGrid
+from pipelines import __version__
 
-__all__ = ["source_headers", "ct_series_from_grid", "write_series", "frames", "MANUFACTURER"]
+__all__ = ["source_headers", "ct_series_from_grid", "write_series", "frames", "new_series", "MANUFACTURER"]
 
 #: Manufacturer of every DICOM object ct-severity writes
 MANUFACTURER = "ct-severity"
 
 #: largest distance (mm) between a file's Image Position (Patient) and the grid's slice position
 _POSITION_TOL_MM = 0.05
+
+
+def new_series(series_number: int, description: str) -> dict:
+    """The keyword arguments that make a highdicom object the one instance of a new ct-severity series (new
+    UIDs, manufacturer, software version, research content)."""
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+            "instance_number": 1, "manufacturer": MANUFACTURER, "series_description": description[:64],
+            "software_versions": __version__, "content_qualification": hd.ContentQualificationValues.RESEARCH}
 
 
 def frames(volume: np.ndarray) -> np.ndarray:

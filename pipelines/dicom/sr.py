@@ -22,7 +22,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from pipelines import __version__
 from pipelines.dicom import codes
 from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT
-from pipelines.dicom.source import MANUFACTURER
+from pipelines.dicom.source import new_series
 
 __all__ = ["measurement_report", "algorithm_parameters"]
 
@@ -94,13 +94,7 @@ def measurement_report(source: Sequence[Dataset], segmentation: Dataset, result:
     return hd.sr.Comprehensive3DSR(
         evidence=[*source, segmentation],
         content=report,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=f"ct-severity measurements ({method})"[:64],
-        content_qualification=hd.ContentQualificationValues.RESEARCH,
         coding_schemes=[codes.scheme_identification()],
+        **new_series(series_number, f"ct-severity measurements ({method})"),
     )
