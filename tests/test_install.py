@@ -4,8 +4,8 @@ fresh virtual environment, away from the checkout.
 The wheel is built offline (``pip wheel --no-deps --no-build-isolation``) from a copy of the project's files,
 installed with ``--no-deps`` into a new virtual environment that sees this environment's packages (torch,
 MONAI, ...) through a ``.pth`` line but not the checkout, and run from a temporary folder: ``ctseverity
-predict`` and ``ctseverity run --method hirescam`` on a real DICOM series, and ``python -m monai.bundle run``
-with the installed bundle's ``inference.json``.
+predict`` and ``ctseverity run --method hirescam`` on a real DICOM series, ``ctseverity demo``, and ``python -m
+monai.bundle run`` with the installed bundle's ``inference.json``.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def installed(wheel, tmp_path_factory) -> tuple[Path, dict]:
     return root, env
 
 
-def test_installed_wheel_predicts_runs_and_runs_the_bundle_config(installed, dicom_crop_series, tmp_path):
+def test_installed_wheel_predicts_runs_demos_and_runs_the_bundle_config(installed, dicom_crop_series, tmp_path):
     root, env = installed
     series, _ = dicom_crop_series
     work = tmp_path / "work"  # neither the checkout nor anything above it
@@ -121,6 +121,16 @@ def test_installed_wheel_predicts_runs_and_runs_the_bundle_config(installed, dic
     assert Path(result["model"]["bundle"]).resolve().is_relative_to(site)
     assert result["grade"] != "CT-0" and result["lesion_volume_ml"] > 0, result
     assert (out / series.name / result["outputs"]["dicom_seg"]).exists()
+
+    demo = tmp_path / "demo"
+    _run([str(ctseverity), "-q", "demo", "--out", str(demo), "--studies", "2", "--method", "hirescam"], cwd=work,
+         env=env)
+    with open(demo / "results.csv", newline="") as fh:
+        demo_rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in demo_rows] == ["ok", "ok"] and (demo / "report.html").exists()
+    for row in demo_rows:
+        demo_result = json.loads((demo / row["study"] / "result.json").read_text())
+        assert Path(demo_result["model"]["bundle"]).resolve().is_relative_to(site)
 
     by_bundle = tmp_path / "bundle_run"
     bundle_root = Path(where[2])
