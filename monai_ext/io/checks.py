@@ -307,7 +307,7 @@ def nifti_form_warnings(path: str | os.PathLike, spacing: Sequence[float]) -> li
         return "x".join(f"{v:.3g}" for v in z)
 
     return [f"the NIfTI header's qform and sform disagree (voxel size {fmt(zq)} vs {fmt(zs)} mm, origin "
-            f"{fmt(q[:3, 3])} vs {fmt(s[:3, 3])} mm): read with the {used}; check which is right"]
+            f"{fmt(q[:3, 3])} vs {fmt(s[:3, 3])} mm): read with the {used} (check which is right)"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputRep
     if n_missing:
         where = ", ".join(_mm(pos[i]) for i in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
         report.warn(f"{n_missing} missing slice{'s' if n_missing > 1 else ''} (gaps after {where}) filled by "
-                    f"interpolation between their neighbours; the series resampled to an even {_mm(med)} slice step")
+                    f"interpolation between their neighbours, the series resampled to an even {_mm(med)} slice step")
     else:
         report.warn(f"uneven slice spacing ({_mm(float(steps.min()))} to {_mm(float(steps.max()))}): the series "
                     f"resampled to an even {_mm(med)} slice step by interpolation between slices")
@@ -535,7 +535,7 @@ def lung_extent_warnings(lung: np.ndarray, spacing: tuple[float, float, float] |
     for k, end in ((0, "first"), (lung.shape[2] - 1, "last")):
         if area[k] >= edge_share * top:
             out.append(f"the lung reaches the {end} slice of the volume ({100 * area[k] / top:.0f} % of its largest "
-                       "cross-section): the series may be cut short; lung beyond it is not counted")
+                       "cross-section): the series may be cut short and lung beyond it is not counted")
     on_side = (lung[0].any(axis=0) | lung[-1].any(axis=0) | lung[:, 0].any(axis=0) | lung[:, -1].any(axis=0))
     n_slices = int((area > 0).sum())
     if on_side.sum() > edge_share * n_slices:

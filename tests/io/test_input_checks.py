@@ -111,7 +111,7 @@ def test_one_missing_slice_is_interpolated(tmp_path, slab, ct_series):
     np.testing.assert_allclose(a[:, :, others], b[:, :, others], atol=1e-3)
     np.testing.assert_allclose(a[:, :, 20], (b[:, :, 19] + b[:, :, 21]) / 2, atol=1e-3)
     assert report.warnings == ["1 missing slice (gaps after 114 mm) filled by interpolation between their "
-                               "neighbours; the series resampled to an even 6 mm slice step"]
+                               "neighbours, the series resampled to an even 6 mm slice step"]
 
 
 def test_too_many_missing_slices_are_refused(tmp_path, slab, ct_series):
@@ -246,5 +246,5 @@ def test_nifti_qform_and_sform_that_disagree_are_warned(tmp_path, small_real_ct)
     assert len(report.warnings) == 1
     assert report.warnings[0].startswith("the NIfTI header's qform and sform disagree (voxel size 3.91x3.91x3 vs "
                                          "3.91x3.91x6 mm")
-    assert report.warnings[0].endswith("read with the qform; check which is right")
+    assert report.warnings[0].endswith("read with the qform (check which is right)")
     assert read_ct(_nifti(vol, affine, tmp_path / "agree.nii.gz"))[1].warnings == []
