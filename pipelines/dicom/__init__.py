@@ -12,7 +12,6 @@ from pipelines.dicom.outputs import (
     DICOM_DIR,
     is_dicom_input,
     study_dicom_outputs,
-    wants_dicom,
     write_dicom_outputs,
 )
 from pipelines.dicom.sc import overview_capture
@@ -37,7 +36,6 @@ __all__ = [
     "overview_capture",
     "source_headers",
     "study_dicom_outputs",
-    "wants_dicom",
     "write_dicom_outputs",
     "write_series",
 ]

@@ -24,7 +24,7 @@ from pipelines.dicom.seg import lung_lesion_segmentation
 from pipelines.dicom.source import ct_series_from_grid, frames, source_headers, write_series
 from pipelines.dicom.sr import measurement_report
 
-__all__ = ["study_dicom_outputs", "write_dicom_outputs", "wants_dicom", "is_dicom_input", "DICOM_DIR", "SETTING_KEYS"]
+__all__ = ["study_dicom_outputs", "write_dicom_outputs", "is_dicom_input", "DICOM_DIR", "SETTING_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +40,25 @@ def is_dicom_input(path: str | os.PathLike, meta: dict) -> bool:
     return Path(path).is_dir() and "ctseverity|series_uid" in meta
 
 
-def wants_dicom(setting: bool | None, path: str | os.PathLike, meta: dict) -> bool:
-    """Whether to write DICOM outputs: ``setting`` when given, else (None) for DICOM series inputs."""
-    return bool(setting) if setting is not None else is_dicom_input(path, meta)
-
-
 def study_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, ct, lung: np.ndarray,
                         lesion: np.ndarray, result: dict, lung_backend: str, required: bool = False) -> dict[str, str]:
     """The DICOM outputs of a study as the pipeline asks for them (:func:`write_dicom_outputs`).
 
     With ``required`` (``--dicom-out``) they are written for any input, and a failure fails the study. Without
     it they are written for DICOM series inputs; a series whose files do not lie on the grid read (a series the
-    reader resampled to an even slice step) then gets none, with a warning (logged, and in
-    ``result["warnings"]`` where the result keeps warnings).
+    reader resampled to an even slice step) or whose headers lack what the SEG needs (a frame of reference)
+    then gets none, with a warning (logged, and in ``result["warnings"]`` where the result keeps warnings):
+    the study's other results stand.
     """
     if not required and not is_dicom_input(path, ct.meta):
         return {}
     try:
         return write_dicom_outputs(study_dir, path, ct, lung, lesion, result, lung_backend)
-    except CTSeverityError as exc:
+    except (CTSeverityError, ValueError, AttributeError, KeyError) as exc:  # also source headers highdicom refuses
+        reason = exc.reason if isinstance(exc, CTSeverityError) else f"{type(exc).__name__}: {exc}"
         if required:
-            raise
-        _warn(result, f"no DICOM outputs: {exc.reason}")
+            raise CTSeverityError(f"cannot write the DICOM outputs ({reason})", path) from exc
+        _warn(result, f"no DICOM outputs: {reason}")
         return {}
 
 

@@ -289,3 +289,24 @@ def test_no_dicom_out_on_a_dicom_series(dicom_crop_series, tmp_path):
     result = json.loads((out / series.name / "result.json").read_text())
     assert result["status"] == "ok" and not any(k.startswith("dicom") for k in result["outputs"])
     assert not (out / series.name / "dicom").exists()
+
+
+def test_headers_the_seg_cannot_use_leave_the_other_results_standing(dicom_crop_series, tmp_path, capsys):
+    """A series without a frame of reference: no DICOM outputs and a warning by default; with --dicom-out the
+    study fails with the reason in one line."""
+    series, _ = dicom_crop_series
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for path in sorted(series.iterdir()):
+        ds = pydicom.dcmread(path)
+        del ds.FrameOfReferenceUID
+        ds.save_as(bare / path.name)
+    out = tmp_path / "out"
+    args = ["-q", "run", str(bare), "--out", str(out), "--method", "density"]
+    assert main(args) == 0
+    result = json.loads((out / "bare" / "result.json").read_text())
+    assert result["status"] == "ok" and not (out / "bare" / "dicom").exists()
+    assert any(w.startswith("no DICOM outputs") and "Frame Of Reference" in w for w in result["warnings"])
+    capsys.readouterr()
+    assert main([*args, "--dicom-out"]) == 1
+    assert "cannot write the DICOM outputs" in capsys.readouterr().out
