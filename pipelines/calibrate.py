@@ -2,7 +2,8 @@
 
 Studies with known lesion percentages (or grades) are run once up to the study-normalized
 heatmap; then every combination of lesion rule, threshold, minimum lesion volume and (for the
-relative density rule and the density method) the rise above the study's normal lung level is scored by
+relative density rule and the density method) the rise above the study's normal lung level and (for the
+density rules) how far a lesion grows from the heatmap through abnormal attenuation is scored by
 how well it reproduces the known loads: mean absolute error of the lesion percent plus
 :data:`GRADE_ERROR_POINTS` per wrong grade (a study with no lesion read as CT-1 by a few false voxels is
 a wrong answer that the percent error alone barely sees), or the share of wrong grades where only
@@ -31,16 +32,24 @@ from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.bundle import bundle_path, copy_bundle, load_model
 from pipelines.discovery import find_studies
 from pipelines.report import read_truth
-from pipelines.severity import LESION_RULES, abnormal_attenuation, normal_lung_level, relative_attenuation
+from pipelines.severity import (
+    LESION_RULES,
+    abnormal_attenuation,
+    grow_levels,
+    normal_lung_level,
+    relative_attenuation,
+)
 from pipelines.study import PipelineConfig, compute_evidence, resolve_calibration
 
 __all__ = ["CalibrationFit", "fit_calibration", "write_calibration", "register", "run_calibrate",
-           "THRESHOLDS", "MIN_VOLUMES", "DELTAS", "STUDY_CALLS", "GRADE_ERROR_POINTS"]
+           "THRESHOLDS", "MIN_VOLUMES", "DELTAS", "STUDY_CALLS", "GROW_MM", "GRADE_ERROR_POINTS"]
 
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: rises above the normal lung level tried for the relative density rule (HU)
 DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)
+#: lesion growth from the heatmap through abnormal attenuation tried for the density rules (mm)
+GROW_MM = (0.0, 5.0, 10.0, 20.0, 40.0)
 #: study calls tried (0: every study may have lesions)
 STUDY_CALLS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: lesion-% points added to the objective per wrong grade
@@ -63,6 +72,7 @@ class CalibrationFit:
     n_studies: int
     per_rule: dict = field(default_factory=dict)
     per_study: list = field(default_factory=list)
+    grow_mm: float = 0.0
 
     def values(self) -> dict:
         vals = {"min_lesion_ml": self.min_lesion_ml, "lesion_rule": self.lesion_rule, "slice_gate": self.slice_gate,
@@ -71,6 +81,8 @@ class CalibrationFit:
             vals["threshold"] = self.threshold
         if self.density_delta_hu is not None:
             vals["density_delta_hu"] = self.density_delta_hu
+        if self.lesion_rule in ("heatmap-density", "heatmap-relative") and self.method != "density":
+            vals["grow_mm"] = self.grow_mm
         return vals
 
 
@@ -97,15 +109,16 @@ def _score(pred_pct: np.ndarray, truth: list[dict]) -> tuple[float, float, float
 def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slice_gate: float,
                     thresholds: Sequence[float] = THRESHOLDS, min_volumes: Sequence[float] = MIN_VOLUMES,
                     rules: Sequence[str] = LESION_RULES, deltas: Sequence[float] = DELTAS,
-                    study_calls: Sequence[float] = STUDY_CALLS) -> CalibrationFit:
-    """Grid search over lesion rule x threshold x minimum lesion volume x study call (x density delta).
+                    study_calls: Sequence[float] = STUDY_CALLS, grow_mm: Sequence[float] = GROW_MM) -> CalibrationFit:
+    """Grid search over lesion rule x threshold x minimum lesion volume x study call (x density delta x growth).
 
     Args:
         evidence: per study, a :class:`pipelines.study.Evidence`.
         truth: per study, ``{"lesion_percent", "grade"}``.
         method: the attribution method (``density`` has no threshold, only the delta).
         slice_gate: the slice gate the evidence was computed with (recorded).
-        thresholds, min_volumes, rules, deltas, study_calls: the grid (``density`` has no study call).
+        thresholds, min_volumes, rules, deltas, study_calls, grow_mm: the grid (``density`` has no study call;
+            growth applies to the density rules).
 
     Returns:
         The best :class:`CalibrationFit`, with the best fit of each rule in ``per_rule``.
@@ -116,8 +129,9 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     probs = np.array([0.0 if np.isnan(ev.study_probability) else ev.study_probability for ev in evidence])
     lung_vox = np.array([float(ev.lung.sum()) for ev in evidence])
     voxel_ml = np.array([float(np.prod(ev.spacing)) / 1000.0 for ev in evidence])
+    relative = ("density", "heatmap-relative")
     levels = [normal_lung_level(ev.hu, ev.lung, ev.spacing) for ev in evidence] \
-        if any(r in ("density", "heatmap-relative") for r in rules) else []
+        if any(r in relative for r in rules) else []
     # everything below looks at lung voxels only: work in each study's lung box (labelling the full
     # volume ~1600 times is what made the grid slow)
     boxes = [ndi.find_objects(ev.lung.astype(np.uint8))[0] if ev.lung.any() else (slice(0, 0),) * ev.lung.ndim
@@ -126,7 +140,7 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     heats = [ev.heat[b] for ev, b in zip(evidence, boxes)]
     best_by_rule: dict[str, tuple] = {}
     grid = [(rule, delta) for rule in rules
-            for delta in (deltas if rule in ("density", "heatmap-relative") else (None,))]
+            for delta in (deltas if rule in relative else (None,))]
     for rule, delta in tqdm(grid, desc=f"fit ({method})", unit="rule", leave=False):
         if rule == "heatmap-density":
             dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing)[b] for ev, b in zip(evidence, boxes)]
@@ -135,26 +149,37 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
                     for i, ev in enumerate(evidence)]
         else:
             dens = [None] * n
-        for thr in thresholds:
-            sizes = []
-            for i in range(n):
-                m = dens[i] if rule == "density" else (heats[i] >= thr) & (heats[i] > 0) & lungs[i]
-                if rule in ("heatmap-density", "heatmap-relative"):
-                    m = m & dens[i]
-                sizes.append(_component_sizes(m))
-            for vmin in min_volumes:
-                pct_all = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i]
-                                    for i, s in enumerate(sizes)])
-                for call in study_calls:
-                    pct = np.where(probs < call, 0.0, pct_all)
-                    obj, mae, acc = _score(pct, list(truth))
-                    cand = (obj, -acc, thr, vmin, mae, acc, pct, delta, call)
-                    if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
-                        best_by_rule[rule] = cand
+        grows = tuple(grow_mm) if rule in ("heatmap-density", "heatmap-relative") else (0.0,)
+        # the highest heat reachable within each growth, once per study: a threshold is then one comparison
+        levels_by_grow = [grow_levels(heats[i] * lungs[i], dens[i], evidence[i].spacing, grows)
+                          if dens[i] is not None and rule != "density" else None for i in range(n)]
+        for grow in grows:
+            for thr in thresholds:
+                sizes = []
+                for i in range(n):
+                    if rule == "density":
+                        m = dens[i]
+                    elif levels_by_grow[i] is not None:
+                        m = levels_by_grow[i][float(grow)] >= thr
+                        m &= levels_by_grow[i][float(grow)] > 0
+                    else:
+                        m = (heats[i] >= thr) & (heats[i] > 0) & lungs[i]
+                    sizes.append(_component_sizes(m))
+                for vmin in min_volumes:
+                    pct_all = np.array([100.0 * s[s * voxel_ml[i] >= vmin].sum() / lung_vox[i]
+                                        for i, s in enumerate(sizes)])
+                    for call in study_calls:
+                        pct = np.where(probs < call, 0.0, pct_all)
+                        obj, mae, acc = _score(pct, list(truth))
+                        cand = (obj, -acc, thr, vmin, mae, acc, pct, delta, call, float(grow))
+                        if rule not in best_by_rule or cand[:2] < best_by_rule[rule][:2]:
+                            best_by_rule[rule] = cand
+        del levels_by_grow, dens
     best_rule = min(best_by_rule, key=lambda r: best_by_rule[r][:2])
-    obj, _, thr, vmin, mae, acc, pct, delta, call = best_by_rule[best_rule]
+    obj, _, thr, vmin, mae, acc, pct, delta, call, grow = best_by_rule[best_rule]
     per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "study_call": v[8], "mae_percent": round(v[4], 3),
-                    "grade_accuracy": round(v[5], 3), **({"density_delta_hu": v[7]} if v[7] is not None else {})}
+                    "grade_accuracy": round(v[5], 3), **({"density_delta_hu": v[7]} if v[7] is not None else {}),
+                    **({"grow_mm": v[9]} if r in ("heatmap-density", "heatmap-relative") else {})}
                 for r, v in best_by_rule.items()}
     per_study = [{"lesion_percent": round(float(p), 3), "grade": grade_from_percent(min(100.0, float(p))),
                   "truth_percent": t["lesion_percent"], "truth_grade": t["grade"],
@@ -163,7 +188,7 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     return CalibrationFit(method, None if thr is None else float(thr), float(vmin),
                           "heatmap-relative" if best_rule == "density" else best_rule, float(slice_gate),
                           None if delta is None else float(delta), float(call), float(mae), float(acc), n, per_rule,
-                          per_study)
+                          per_study, float(grow))
 
 
 def write_calibration(bundle: str | os.PathLike, fit: CalibrationFit, data_note: str = "") -> Path:
@@ -200,15 +225,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
                 for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
     fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate)
     rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"],
-             v.get("density_delta_hu", "-"), v["study_call"], v["mae_percent"], v["grade_accuracy"]]
+             v.get("density_delta_hu", "-"), v.get("grow_mm", "-"), v["study_call"], v["mae_percent"],
+             v["grade_accuracy"]]
             for r, v in fit.per_rule.items()]
-    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "density_delta_hu", "study_call", "mae_percent",
-                        "grade_accuracy"], rows))
+    print(format_table(["lesion_rule", "threshold", "min_lesion_ml", "density_delta_hu", "grow_mm", "study_call",
+                        "mae_percent", "grade_accuracy"], rows))
     print()
     print(format_table(["study", "study_probability", "lesion_percent", "grade", "truth_percent", "truth_grade"],
                        [[s.study, d["study_probability"], d["lesion_percent"], d["grade"], d["truth_percent"],
                          d["truth_grade"]] for s, d in zip(studies, fit.per_study)]))
     delta = "" if fit.density_delta_hu is None else f", density delta {fit.density_delta_hu:g} HU"
+    if "grow_mm" in fit.values():
+        delta += f", growth {fit.grow_mm:g} mm"
     print(f"\nbest: rule {fit.lesion_rule}, threshold {fit.threshold}, min lesion {fit.min_lesion_ml} ml{delta}, "
           f"study call {fit.study_call:g} "
           f"(MAE {fit.mae_percent:.2f} points, grade accuracy {fit.grade_accuracy:.2f}, {fit.n_studies} studies)")

@@ -95,6 +95,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         min_lesion_ml=getattr(args, "min_lesion_ml", None),
         density_delta_hu=getattr(args, "density_delta_hu", None),
         study_call=getattr(args, "study_call", None),
+        grow_mm=getattr(args, "grow_mm", None),
         dicom_out=getattr(args, "dicom_out", None),
         batch_size=getattr(args, "batch_size", None) or 16,
         max_memory=_max_memory(args),
@@ -207,6 +208,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--density-delta", dest="density_delta_hu", type=float, metavar="HU",
                    help="rise above the study's normal lung level counted as abnormal, for heatmap-relative and "
                         "--method density (default: the bundle's)")
+    p.add_argument("--grow-mm", dest="grow_mm", type=float, metavar="MM",
+                   help="density rules: grow each lesion from the thresholded heatmap through the abnormal "
+                        "attenuation it lies in by up to MM (0: the intersection only; default: the bundle's)")
     p.add_argument("--study-call", dest="study_call", type=float, metavar="P",
                    help="study probability below which a study has no lesion (CT-0), in [0, 1]; 0 = off "
                         "(default: the bundle's)")

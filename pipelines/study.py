@@ -56,7 +56,7 @@ __all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complet
 
 #: used when a bundle carries no calibration
 DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-relative", "slice_gate": 0.5,
-                       "density_delta_hu": DEFAULT_DELTA_HU, "study_call": 0.0}
+                       "density_delta_hu": DEFAULT_DELTA_HU, "study_call": 0.0, "grow_mm": 0.0}
 
 
 @dataclass
@@ -70,11 +70,13 @@ class PipelineConfig:
         lung_mask: lung mask backend (``auto``, ``lungmask``, ``unet``, ``threshold``).
         lung_weights: lungmask U-Net weights file.
         device: torch device.
-        lesion_rule: ``heatmap``, ``heatmap-density`` or ``heatmap-relative``.
+        lesion_rule: one of :data:`pipelines.severity.LESION_RULES`.
         threshold: heatmap threshold on the study-normalized map.
         min_lesion_ml: smallest lesion component kept.
         density_delta_hu: rise above the study's normal lung level counted as abnormal (rule
             ``heatmap-relative`` and method ``density``).
+        grow_mm: density rules: the lesion grows from the thresholded heatmap through the abnormal
+            attenuation by up to this distance (0: the intersection only).
         slice_gate: slices whose lesion probability is below this contribute no lesion.
         study_call: a study whose probability (mean of its top 10 % slice probabilities) is below this has
             no lesion (CT-0): the classifier decides whether there is disease, the heatmap where and how
@@ -100,6 +102,7 @@ class PipelineConfig:
     density_delta_hu: float | None = None
     slice_gate: float | None = None
     study_call: float | None = None
+    grow_mm: float | None = None
     batch_size: int = 16
     seed: int = 0
     overview: bool = True
@@ -121,6 +124,8 @@ class PipelineConfig:
             raise ValueError(f"minimum lesion volume must be >= 0, got {self.min_lesion_ml}")
         if self.density_delta_hu is not None and not 0.0 < self.density_delta_hu < 1500.0:
             raise ValueError(f"density delta must be between 0 and 1500 HU, got {self.density_delta_hu}")
+        if self.grow_mm is not None and not 0.0 <= self.grow_mm <= 200.0:
+            raise ValueError(f"lesion growth must be between 0 and 200 mm, got {self.grow_mm}")
         if self.study_call is not None and not 0.0 <= self.study_call <= 1.0:
             raise ValueError(f"study call must be in [0, 1], got {self.study_call}")
         if self.batch_size < 1:
@@ -132,8 +137,9 @@ class PipelineConfig:
     def fingerprint(self, model_checksum: str = "") -> str:
         """Hash of everything that changes a study's results (not the device, batch size or memory budget)."""
         keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "max_memory")}
-        if keys.get("dicom_out") is None:  # the default leaves the fingerprints of earlier runs as they were
-            keys.pop("dicom_out", None)
+        for key in ("dicom_out", "grow_mm"):  # their defaults leave the fingerprints of earlier runs as they were
+            if keys.get(key) is None:
+                keys.pop(key, None)
         return hashlib.sha256(json.dumps([keys, model_checksum], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -145,7 +151,7 @@ def resolve_calibration(config: PipelineConfig, model: LoadedModel | None) -> di
         bundle_cal = model.calibration
         cal.update({k: v for k, v in bundle_cal.items() if k in cal})
         cal.update(bundle_cal.get("methods", {}).get(config.method, {}))
-    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate", "density_delta_hu", "study_call"):
+    for key in ("threshold", "min_lesion_ml", "lesion_rule", "slice_gate", "density_delta_hu", "study_call", "grow_mm"):
         if getattr(config, key) is not None:
             cal[key] = getattr(config, key)
     return cal
@@ -301,7 +307,7 @@ def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
         return remove_small_components(evidence.heat > 0, evidence.spacing, cal["min_lesion_ml"])
     return lesion_mask_from_heatmap(evidence.heat, evidence.lung, cal["threshold"], cal["lesion_rule"],
                                     ct=evidence.hu, spacing=evidence.spacing, min_volume_ml=cal["min_lesion_ml"],
-                                    density_delta_hu=cal["density_delta_hu"])
+                                    density_delta_hu=cal["density_delta_hu"], grow_mm=cal.get("grow_mm", 0.0))
 
 
 def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, model: LoadedModel | None
@@ -366,6 +372,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "density_delta_hu": cal["density_delta_hu"] if dens or cal["lesion_rule"] == "heatmap-relative" else None,
         "slice_gate": None if dens else cal["slice_gate"],
         "study_call": None if dens else cal["study_call"],
+        "grow_mm": None if dens or cal["lesion_rule"] == "heatmap" else cal.get("grow_mm", 0.0),
         "model": None if model is None else {"bundle": str(model.bundle), "sha256": model.checksum},
         **sev.to_dict(),
         "study_probability": None if np.isnan(ev.study_probability) else round(ev.study_probability, 5),

@@ -11,7 +11,10 @@ from pipelines.calibrate import fit_calibration
 from pipelines.report import read_truth
 from pipelines.severity import (
     abnormal_attenuation,
+    geodesic_steps,
     grade_from_percent,
+    grow_levels,
+    grow_within,
     lesion_mask_from_heatmap,
     normal_lung_level,
     relative_attenuation,
@@ -150,6 +153,67 @@ def test_heatmap_rules():
         lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-relative")
     with pytest.raises(ValueError, match="lesion rule"):
         lesion_mask_from_heatmap(heat, lung, 0.5, "blobs")
+
+
+def test_growth_follows_the_touched_opacity_only():
+    """A compact map (a few voxels in one lesion) grows through that lesion's opacity by the growth distance,
+    along the opacity only: lesion B, 7 voxels away across normal lung, stays out; without the CT the rule
+    refuses; the grey levels that calibration uses give the same masks at every threshold."""
+    hu = np.full((40, 40, 10), -850.0)
+    lung = np.zeros(hu.shape, bool)
+    lung[2:38, 2:38, :] = True
+    hu[5:17, 5:17, 2:8] = -450.0  # lesion A, 12 x 12 x 6
+    hu[24:34, 5:17, 2:8] = -400.0  # lesion B, not in the map
+    heat = np.zeros(hu.shape, np.float32)
+    heat[9:12, 9:12, 4:6] = 1.0  # 18 voxels inside A
+    heat[10, 10, 5] = 0.4
+    a = np.zeros(hu.shape, bool)
+    a[5:17, 5:17, 2:8] = True
+    spacing = (1.0, 1.0, 2.5)
+    narrow = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density", ct=hu, spacing=spacing)
+    assert narrow.sum() <= 18
+    for rule in ("heatmap-density", "heatmap-relative"):
+        kw = dict(ct=hu, spacing=spacing, density_delta_hu=200.0)
+        part = lesion_mask_from_heatmap(heat, lung, 0.5, rule, grow_mm=3.0, **kw)
+        got = lesion_mask_from_heatmap(heat, lung, 0.5, rule, grow_mm=40.0, **kw)
+        assert 18 < part.sum() < 0.7 * got.sum(), rule
+        # a 3 mm growth: within 3 voxels in-plane and one slice of the seed
+        near = np.zeros_like(a)
+        near[6:15, 6:15, 3:7] = True
+        assert not (part & ~near).any(), rule
+        assert (got & a).sum() >= 0.85 * a.sum(), rule  # corners rounded by the opening, edges by the smoothing
+        assert not (got & ~ndimage.binary_dilation(a)).any(), rule  # B and normal lung stay out
+        with pytest.raises(ValueError, match="needs the CT"):
+            lesion_mask_from_heatmap(heat, lung, 0.5, rule, grow_mm=10.0)
+    opacity = abnormal_attenuation(hu, lung, spacing)
+    levels = grow_levels(heat, opacity, spacing, (0.0, 3.0, 40.0))
+    for r in (0.0, 3.0, 40.0):
+        for t in (0.3, 0.5):
+            assert np.array_equal(levels[r] >= t, grow_within(heat >= t, opacity, spacing, r)), (r, t)
+    assert len(geodesic_steps((0.7, 0.7, 2.8), 7.0)) == 10  # 10 in-plane steps, of which 2 also cross a slice
+    assert sum(st[1, 1, 0] for st in geodesic_steps((0.7, 0.7, 2.8), 7.0)) == 2
+
+
+def test_calibration_fits_a_growth_where_maps_are_compact():
+    """Maps that cover only the centre of each lesion: intersected with attenuation they read a fraction of
+    the load at any threshold; grown through the attenuation, the same maps give the load, and the fit
+    picks the growth."""
+    evidence, truth = [], []
+    for radius in (5.0, 9.0, 13.0):
+        ev, true = _disc_study(radius, 0.9)
+        dist = np.sqrt(((np.indices((40, 40)) - 20.0) ** 2).sum(0))[:, :, None].repeat(8, 2)
+        ev.heat[:] = np.clip(1.0 - dist / 4.0, 0, 1)  # 4 voxels wide whatever the lesion
+        evidence.append(ev)
+        pct = 100.0 * true.sum() / ev.lung.sum()
+        truth.append({"lesion_percent": pct, "grade": grade_from_percent(pct)})
+    kw = dict(thresholds=(0.3, 0.5), min_volumes=(0.0,), rules=("heatmap-density",), study_calls=(0.0,))
+    fixed = fit_calibration(evidence, truth, "iba", 0.5, grow_mm=(0.0,), **kw)
+    fit = fit_calibration(evidence, truth, "iba", 0.5, grow_mm=(0.0, 20.0), **kw)
+    assert fit.grow_mm == 20.0 and fit.values()["grow_mm"] == 20.0
+    assert fit.per_rule["heatmap-density"]["grow_mm"] == 20.0
+    # (the grown MAE is the 1 mm smoothing widening each edge by under a voxel)
+    assert 3 * fit.mae_percent < fixed.mae_percent
+    assert fixed.grow_mm == 0.0
 
 
 def test_calibration_recovers_the_threshold_that_matches_truth():
