@@ -310,3 +310,31 @@ def test_headers_the_seg_cannot_use_leave_the_other_results_standing(dicom_crop_
     capsys.readouterr()
     assert main([*args, "--dicom-out"]) == 1
     assert "cannot write the DICOM outputs" in capsys.readouterr().out
+
+
+def test_a_study_without_lesions_has_an_empty_lesion_segment(shared, tmp_path, capsys):
+    """24 slices of a clean real CT (LIDC-IDRI-0001): CT-0, the lesion segment has no frame, the SR says CT-0
+    with no lesion volume, and both still pass dciodvfy."""
+    ct = sitk.ReadImage(str(shared("lidc_idri/LIDC-IDRI-0001_ct.nii.gz")))[:, :, 60:84]
+    nifti = tmp_path / "clean.nii.gz"
+    sitk.WriteImage(ct, str(nifti), useCompression=True)
+    out = tmp_path / "out"
+    assert main(["-q", "run", str(nifti), "--out", str(out), "--method", "hirescam", "--dicom-out"]) == 0, \
+        capsys.readouterr()
+    study = out / "clean"
+    result = json.loads((study / "result.json").read_text())
+    assert result["grade"] == "CT-0" and result["lesion_volume_ml"] == 0
+    files = sorted((study / "dicom" / "ct").glob("*.dcm"))
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    seg = hd.seg.segread(study / "dicom" / "seg.dcm")
+    frame_segments = {int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                      for f in seg.PerFrameFunctionalGroupsSequence}
+    assert frame_segments == {1} and len(seg.SegmentSequence) == 2
+    assert np.array_equal(_seg_volume(seg, uids, 1), _mask(study / "lung_mask.nii.gz"))
+    assert not _seg_volume(seg, uids, 2).any()
+    sr = hd.sr.srread(study / "dicom" / "sr.dcm")
+    (lesion,) = [g for g in sr.content.get_volumetric_roi_measurement_groups() if g.tracking_identifier == "lesion"]
+    assert {m.name.meaning: m.value for m in lesion.get_measurements()}["Volume"] == 0
+    assert lesion.get_qualitative_evaluations()[0].value == grade_code("CT-0")
+    for name in ("seg.dcm", "sr.dcm"):
+        assert _dciodvfy(study / "dicom" / name) == [], name
