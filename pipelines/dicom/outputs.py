@@ -63,7 +63,9 @@ def study_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
 
 
 def _warn(result: dict, message: str) -> None:
-    """Log a warning about a study's DICOM outputs and keep it in its result (where the result keeps warnings)."""
+    """Log a warning about a study's DICOM outputs and keep it in its result (where the result keeps warnings;
+    results.csv joins them with '; ', so a warning holds none)."""
+    message = message.replace("; ", ", ")
     log.warning("%s: %s", result.get("study"), message)
     if isinstance(result.get("warnings"), list):
         result["warnings"].append(message)

@@ -91,9 +91,9 @@ def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGr
         k = int(round(float((position - grid.origin) @ normal) / grid.spacing[2]))
         if not 0 <= k < nz or np.linalg.norm(position - _slice_position(grid, k)) > _POSITION_TOL_MM:
             raise CTSeverityError(f"{Path(name).name} lies off the slices of the grid read (a series resampled to "
-                                  "an even slice step); DICOM outputs could not refer to it exactly", folder)
+                                  "an even slice step), so DICOM outputs could not refer to it exactly", folder)
         if k in by_slice:
-            raise CTSeverityError(f"{Path(name).name} and another file lie on slice {k}; DICOM outputs need one "
+            raise CTSeverityError(f"{Path(name).name} and another file lie on slice {k}, but DICOM outputs need one "
                                   "image per slice", folder)
         by_slice[k] = ds
     indices = sorted(by_slice)

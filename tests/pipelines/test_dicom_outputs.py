@@ -257,6 +257,7 @@ def test_a_missing_slice_has_no_frame_and_the_others_map_exactly(dicom_crop_seri
     result = json.loads((out / "gap" / "result.json").read_text())
     assert any("missing slice" in w for w in result["warnings"]), result["warnings"]
     assert any("have no source image" in w for w in result["warnings"]), result["warnings"]
+    assert not any("; " in w for w in result["warnings"])  # results.csv joins warnings with '; '
     (files,) = dicom_series(gap).values()
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
     seg = hd.seg.segread(out / "gap" / "dicom" / "seg.dcm")
