@@ -1,10 +1,13 @@
-"""DICOM outputs (pipelines.dicom): a SEG and a TID 1500 SR of a real CT, read back and validated.
+"""DICOM outputs (pipelines.dicom): a SEG, a TID 1500 SR and the overview capture of a real CT, read back and
+validated.
 
 A real DICOM series (24 slices of the RICORD COVID-19 CT, JPEG Lossless, with a patient name, ID and birth
-date in its headers) goes through ``ctseverity run``; the SEG read back equals the NIfTI lung and lesion masks
-voxel for voxel on the source slices, the SR holds the result's measurements, both pass ``dciodvfy``
-(dicom3tools) without errors, and no output but the DICOM ones holds a patient identifier. A NIfTI input with
-``--dicom-out`` gets a CT series with generated UIDs that the SEG and SR refer to.
+date in its headers) goes through ``ctseverity run``. The SEG read back equals the NIfTI lung and lesion masks
+voxel for voxel on the source slices, and the SR holds the result's measurements. SEG, SR and capture pass
+``dciodvfy`` (dicom3tools) without errors, and no output but the DICOM ones holds a patient identifier. A NIfTI
+input with ``--dicom-out`` gets a CT series with generated UIDs that the SEG and SR refer to. The remaining
+tests cover a missing slice, headers the SEG cannot use, a study without lesions, ``--no-dicom-out`` and
+resuming.
 """
 
 from __future__ import annotations
