@@ -161,9 +161,11 @@ def write_ct_series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    steps = np.diff(sorted(z for _, z in slices))
+    step = float(np.median(steps[steps > 0])) if (steps > 0).any() else 1.0  # the Spacing Between Slices tag
     for k, (i, z) in enumerate(slices):
         sl = sitk.GetImageFromArray(np.ascontiguousarray(vol[:, :, i].T[None]).astype(np.int16))
-        sl.SetSpacing((pixel_mm, pixel_mm, 1.0))
+        sl.SetSpacing((pixel_mm, pixel_mm, step))
         sl.SetOrigin((0.0, 0.0, z))
         tags = {"0008|0060": "CT", "0020|000d": f"{uid}.0", "0020|000e": uid, "0020|0013": str(k + 1),
                 "0020|0032": f"0\\0\\{z:.3f}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"{uid}.{k + 1}",

@@ -56,6 +56,7 @@ __all__ = [
     "repair_nonfinite",
     "regularize_slices",
     "slices_even",
+    "spacing_tag_warning",
     "lung_extent_warnings",
 ]
 
@@ -420,6 +421,20 @@ def slices_even(positions: np.ndarray) -> bool:
         return True
     med = float(np.median(steps))
     return med > 1e-3 and bool(np.all(np.abs(steps - med) <= SPACING_TOLERANCE * med))
+
+
+def spacing_tag_warning(declared: float, positions: np.ndarray) -> str | None:
+    """A warning when a series' Spacing Between Slices (0018,0088) is more than 10 % off the step of its
+    slice positions (which are what the volume is built from); ``None`` when they agree."""
+    steps = np.abs(np.diff(np.sort(np.asarray(positions, dtype=np.float64))))
+    steps = steps[steps > 1e-3]
+    if steps.size == 0 or not declared:
+        return None
+    measured = float(np.median(steps))
+    if abs(abs(declared) - measured) <= 0.1 * measured:
+        return None
+    return (f"the header's Spacing Between Slices ({_mm(abs(declared))}) disagrees with the slice positions "
+            f"({_mm(measured)} apart): the positions are used")
 
 
 def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputReport, names: list[str] | None = None,

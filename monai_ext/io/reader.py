@@ -33,6 +33,7 @@ from monai_ext.io.checks import (
     nifti_header_guard,
     regularize_slices,
     slices_even,
+    spacing_tag_warning,
 )
 
 __all__ = ["SITKReader", "SUPPORTED_SUFFIXES", "WARNINGS_KEY", "read_sitk_image", "dicom_series"]
@@ -188,18 +189,25 @@ def _even_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, files: Sequenc
         return img
     normal = np.cross(iop[:3], iop[3:])
     pos = ipp @ normal
-    if slices_even(pos):  # the usual case: GDCM's order and spacing are right, no copy of the pixels
-        return img
     report = InputReport(path=str(folder))
-    stack, first, step = regularize_slices(sitk.GetArrayFromImage(img), pos, report, list(files), folder)
-    if not report.warnings:
-        return img
-    out = sitk.GetImageFromArray(stack)
-    spacing = img.GetSpacing()
-    out.SetSpacing((spacing[0], spacing[1], step))
-    out.SetOrigin(tuple(float(v) for v in ipp[int(np.argmin(pos))]))
-    out.SetDirection(tuple(float(v) for v in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
-    out.SetMetaData(WARNINGS_KEY, "\n".join(report.warnings))
+    if reader.HasMetaDataKey(0, "0018|0088"):
+        try:
+            message = spacing_tag_warning(float(reader.GetMetaData(0, "0018|0088")), pos)
+        except ValueError:
+            message = None
+        if message:
+            report.warn(message)
+    n_header, out = len(report.warnings), img
+    if not slices_even(pos):  # the usual case is even: GDCM's order and spacing are right, no copy of the pixels
+        stack, _, step = regularize_slices(sitk.GetArrayFromImage(img), pos, report, list(files), folder)
+        if len(report.warnings) > n_header:  # repaired
+            out = sitk.GetImageFromArray(stack)
+            spacing = img.GetSpacing()
+            out.SetSpacing((spacing[0], spacing[1], step))
+            out.SetOrigin(tuple(float(v) for v in ipp[int(np.argmin(pos))]))
+            out.SetDirection(tuple(float(v) for v in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
+    if report.warnings:
+        out.SetMetaData(WARNINGS_KEY, "\n".join(report.warnings))
     return out
 
 

@@ -248,3 +248,19 @@ def test_nifti_qform_and_sform_that_disagree_are_warned(tmp_path, small_real_ct)
                                          "3.91x3.91x6 mm")
     assert report.warnings[0].endswith("read with the qform (check which is right)")
     assert read_ct(_nifti(vol, affine, tmp_path / "agree.nii.gz"))[1].warnings == []
+
+
+def test_spacing_tag_that_disagrees_with_the_positions_is_warned(tmp_path, slab, ct_series):
+    vol, slices = slab
+    folder = ct_series(vol[:, :, :6], tmp_path / "tag", slices[:6])
+    for f in sorted(folder.iterdir()):  # the header says 3 mm between slices, the positions 6 mm
+        img = sitk.ReadImage(str(f))
+        img.SetSpacing((*img.GetSpacing()[:2], 3.0))  # GDCM writes the tag from the third spacing
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(f))
+        writer.Execute(img)
+    ct, report = read_ct(folder)
+    assert float(ct.pixdim[2]) == pytest.approx(6.0)
+    assert report.warnings == ["the header's Spacing Between Slices (3 mm) disagrees with the slice positions "
+                               "(6 mm apart): the positions are used"]
