@@ -13,6 +13,7 @@ checksum and the lesion settings); the observation context names ct-severity as 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -24,7 +25,10 @@ from pipelines.dicom import codes
 from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT
 from pipelines.dicom.source import new_series
 
-__all__ = ["measurement_report", "algorithm_parameters"]
+__all__ = ["measurement_report", "algorithm_parameters", "DEVICE_UID"]
+
+#: the observing device's UID: ct-severity of this version, the same in every report (a UUID-derived UID)
+DEVICE_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'ct-severity {__version__}').int}"
 
 
 def algorithm_parameters(method: str, model_sha256: str | None, settings: dict) -> list[str]:
@@ -55,7 +59,8 @@ def measurement_report(source: Sequence[Dataset], segmentation: Dataset, result:
     device = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="ct-severity", manufacturer_name="ct-severity developers",
+            uid=DEVICE_UID,
+            name="ct-severity", manufacturer_name="ct-severity developers",
             model_name=f"ct-severity {method}"[:64]))
     source_series = hd.sr.SourceSeriesForSegmentation(source[0].SeriesInstanceUID)
 

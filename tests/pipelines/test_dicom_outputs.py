@@ -13,6 +13,7 @@ resuming.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import shutil
 import subprocess
@@ -25,12 +26,13 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from PIL import Image
+from pydicom.sr.codedict import codes
 
 from monai_ext.errors import CTSeverityError
 from monai_ext.io.reader import dicom_series
 from monai_ext.io.writer import ReferenceGrid
 from pipelines.cli import main
-from pipelines.dicom import grade_code, source_headers
+from pipelines.dicom import grade_code, measurement_report, source_headers
 from pipelines.discovery import find_studies
 
 
@@ -122,7 +124,7 @@ def test_seg_segments_name_method_and_threshold(dicom_run):
 
 
 def test_sr_is_a_tid1500_report_of_the_result(dicom_run):
-    _, _, _, study, result, _ = dicom_run
+    series, _, _, study, result, _ = dicom_run
     sr = hd.sr.srread(study / "dicom" / "sr.dcm")
     seg = pydicom.dcmread(study / "dicom" / "seg.dcm")
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
@@ -147,6 +149,15 @@ def test_sr_is_a_tid1500_report_of_the_result(dicom_run):
     evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert seg.SOPInstanceUID in evidence and len(evidence) == 25  # the SEG and the 24 source slices
+    # the observing device keeps its UID from report to report; each report is a new instance
+    (device,) = sr.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_series(series).popitem()[1]]
+    buffer = io.BytesIO()
+    measurement_report(source, seg, result, {}).save_as(buffer, enforce_file_format=True)
+    again = hd.sr.srread(io.BytesIO(buffer.getvalue()))
+    (device_again,) = again.content.get_observer_contexts(observer_type=codes.DCM.Device)
+    assert device_again.observer_identifying_attributes.uid == device.observer_identifying_attributes.uid
+    assert again.SOPInstanceUID != sr.SOPInstanceUID
 
 
 def test_seg_sr_and_overview_capture_pass_dciodvfy(dicom_run):
