@@ -54,6 +54,7 @@ __all__ = [
     "nifti_nonfinite_mask",
     "nifti_form_warnings",
     "repair_nonfinite",
+    "blank_slices",
     "regularize_slices",
     "slices_even",
     "spacing_tag_warning",
@@ -91,11 +92,13 @@ class InputReport:
         warnings: one sentence per repair or suspicion, in the order found.
         repaired: boolean mask of the voxels filled in (on the loaded grid), or ``None`` when none was.
         path: the input, named in refusals.
+        damage: what the repaired voxels were, in words (``"NaN or infinite"``) and in short (``"NaN/infinite"``).
     """
 
     warnings: list[str] = field(default_factory=list)
     repaired: np.ndarray | None = None
     path: str | None = None
+    damage: tuple[str, str] = ("NaN or infinite", "NaN/infinite")
 
     def warn(self, message: str) -> None:
         """Record a warning (once)."""
@@ -114,10 +117,10 @@ class InputReport:
         n_bad = int(np.count_nonzero(self.repaired & lung))
         if n_lung and n_bad > MAX_NONFINITE_FRACTION * n_lung:
             raise DamagedImageError(
-                f"{100 * n_bad / n_lung:.1f} % of the lung voxels were NaN or infinite ({n_bad} voxels); more than "
+                f"{100 * n_bad / n_lung:.1f} % of the lung voxels were {self.damage[0]} ({n_bad} voxels); more than "
                 f"{100 * MAX_NONFINITE_FRACTION:g} % cannot be repaired without changing the lesion share", self.path)
         if n_bad:
-            self.warn(f"{100 * n_bad / n_lung:.2f} % of the lung was repaired from NaN/infinite voxels "
+            self.warn(f"{100 * n_bad / n_lung:.2f} % of the lung was repaired from {self.damage[1]} voxels "
                       f"(at most {100 * MAX_NONFINITE_FRACTION:g} % is accepted)")
 
 
@@ -391,18 +394,37 @@ def repair_nonfinite(volume: np.ndarray, report: InputReport, extra_bad: np.ndar
     share = n_in / n_body
     if share > MAX_NONFINITE_FRACTION:
         raise DamagedImageError(
-            f"{100 * share:.1f} % of the voxels inside the body are NaN or infinite ({n_in} voxels on "
+            f"{100 * share:.1f} % of the voxels inside the body are {report.damage[0]} ({n_in} voxels on "
             f"{len(slices)} of {vol.shape[2]} slices); more than {100 * MAX_NONFINITE_FRACTION:g} % cannot be "
             "repaired without changing the result", path)
     outside = bad & ~body
     if n_in:
-        report.warn(f"{n_in} NaN/infinite voxels inside the body ({100 * share:.2f} % of it, on {len(slices)} "
+        report.warn(f"{n_in} {report.damage[1]} voxels inside the body ({100 * share:.2f} % of it, on {len(slices)} "
                     "slices) filled by interpolation between slices")
     if outside.any():
-        report.warn(f"{int(outside.sum())} NaN/infinite voxels outside the body filled (air, {AIR_HU:.0f} HU, where "
-                    "their column holds no value)")
+        report.warn(f"{int(outside.sum())} {report.damage[1]} voxels outside the body filled (air, {AIR_HU:.0f} HU, "
+                    "where their column holds no value)")
     report.repaired = inside
     return vol
+
+
+def blank_slices(volume: np.ndarray) -> np.ndarray:
+    """Slices (along the last axis) holding a single value throughout, between the first and the last slice that
+    hold more: data lost in transfer or conversion (a blank slice in the middle of a chest is never real).
+
+    :func:`monai_ext.io.read_ct` treats their voxels as missing, under the rule of :func:`repair_nonfinite`.
+    """
+    flat = volume.reshape(-1, volume.shape[-1])
+    if np.issubdtype(flat.dtype, np.floating):  # NaN left out (an all-NaN slice is not blank: NaN has its own rule)
+        lo, hi = np.fmin.reduce(flat, axis=0), np.fmax.reduce(flat, axis=0)
+    else:
+        lo, hi = flat.min(axis=0), flat.max(axis=0)
+    blank = lo == hi
+    content = np.flatnonzero(~blank)
+    if content.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    inner = np.arange(volume.shape[-1])
+    return np.flatnonzero(blank & (inner > content[0]) & (inner < content[-1]))
 
 
 # ----------------------------------------------------------------------------------------------

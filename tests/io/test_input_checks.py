@@ -264,3 +264,26 @@ def test_spacing_tag_that_disagrees_with_the_positions_is_warned(tmp_path, slab,
     assert float(ct.pixdim[2]) == pytest.approx(6.0)
     assert report.warnings == ["the header's Spacing Between Slices (3 mm) disagrees with the slice positions "
                                "(6 mm apart): the positions are used"]
+
+
+def test_blank_slices_are_missing_data(tmp_path, real_ct_path):
+    img = nib.load(str(real_ct_path))
+    vol = np.asarray(img.dataobj)[::4, ::4, :].astype(np.int16)  # 141 slices of 2 mm
+    affine = img.affine @ np.diag([4.0, 4.0, 1.0, 1.0])
+    one = vol.copy()
+    one[:, :, 70] = 0  # a slice lost in conversion: a single value
+    ct, report = read_ct(_nifti(one, affine, tmp_path / "one.nii.gz"), orientation=None)
+    expected = (vol[:, :, 69].astype(np.float32) + vol[:, :, 71]) / 2
+    body = np.asarray(report.repaired)[:, :, 70]
+    np.testing.assert_allclose(ct[0].numpy()[:, :, 70][body], expected[body], atol=1e-3)
+    assert report.warnings[0] == "1 blank slice (one value throughout) between slices with content, at index 70: " \
+                                 "treated as missing"
+    assert "NaN/infinite/blank-slice voxels inside the body (0." in report.warnings[1]
+    two = vol.copy()
+    two[:, :, [40, 90]] = -1024
+    with pytest.raises(DamagedImageError, match=r"two.nii.gz: 1\.\d % of the voxels inside the body are NaN, infinite "
+                                                r"or on blank slices \(\d+ voxels on 2 of 141 slices\)"):
+        load_ct(_nifti(two, affine, tmp_path / "two.nii.gz"))
+    padded = vol.copy()
+    padded[:, :, :3] = -1024  # blank slices at the ends are padding, not lost data
+    assert read_ct(_nifti(padded, affine, tmp_path / "padded.nii.gz"))[1].warnings == []

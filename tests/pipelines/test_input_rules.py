@@ -27,7 +27,8 @@ def _rows(out: Path) -> dict[str, dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def damaged(small_real_ct, tmp_path_factory) -> Path:
-    """The intact study, a copy with every third slice NaN and a copy with a few NaN voxels in the lungs."""
+    """The intact study, copies with every third slice NaN, with a blank slice and with a few NaN voxels in the
+    lungs."""
     vol, affine = small_real_ct
     folder = tmp_path_factory.mktemp("damaged")
     nib.save(nib.Nifti1Image(vol, affine), str(folder / "intact.nii.gz"))
@@ -40,6 +41,9 @@ def damaged(small_real_ct, tmp_path_factory) -> Path:
     pick = np.random.default_rng(1).choice(np.flatnonzero(lung), 200, replace=False)
     few[xs[pick], ys[pick], zs[pick] + 10] = np.nan
     nib.save(nib.Nifti1Image(few, affine), str(folder / "nan_voxels.nii.gz"))
+    blank = vol.copy()
+    blank[:, :, 20] = 0  # a slice lost in conversion
+    nib.save(nib.Nifti1Image(blank, affine), str(folder / "blank_slice.nii.gz"))
     return folder
 
 
@@ -52,6 +56,8 @@ def test_damaged_studies_are_refused_or_graded_as_the_intact_one_with_warnings(d
     assert rows["nan_slices"]["status"] == "failed"
     assert "of the voxels inside the body are NaN or infinite" in rows["nan_slices"]["error"]
     assert not (out / "nan_slices" / "result.json").exists()
+    assert rows["blank_slice"]["status"] == "failed"
+    assert "of the voxels inside the body are NaN, infinite or on blank slices" in rows["blank_slice"]["error"]
     intact, repaired = rows["intact"], rows["nan_voxels"]
     assert intact["status"] == repaired["status"] == "ok"
     assert intact["warnings"] == ""
