@@ -18,6 +18,18 @@ Where the studies run:
 Each worker process loads the model once (a cache keyed by bundle, checksum and device) and
 reuses it for every study it gets.
 
+Lost workers: each study is one dask task. When a worker dies (killed, out of memory, its node
+gone), the scheduler reschedules the studies it was running on the other workers, up to
+``distributed.scheduler.allowed-failures`` times per study (dask's default 3; set on the
+scheduler); a study that kills every worker it lands on is then recorded as failed (``KilledWorker``)
+and the batch goes on. A task that raises past :func:`run_study`'s own error handling (a worker that
+cannot import ct-severity or read the shared folders) is re-run up to :data:`TASK_RETRIES` times,
+possibly on another worker, then recorded as failed. A study whose input or pipeline raises is not
+retried: :func:`run_study` records it as failed at once. A rerun study starts from a cleared folder
+(outputs are written atomically), so a worker killed while writing leaves nothing that looks complete.
+Each study's row is released on the cluster once received, so a worker lost later does not make dask
+run finished studies again.
+
 Example:
     >>> from pipelines.batch import run_batch
     >>> from pipelines.study import PipelineConfig
@@ -57,6 +69,7 @@ __all__ = [
     "write_results_csv",
     "model_checksum",
     "inference_bundle",
+    "TASK_RETRIES",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,9 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "error",
     "warnings",
 )
+
+#: times dask re-runs a study task that raised past :func:`run_study`'s error handling (see the module notes)
+TASK_RETRIES = 2
 
 # worker-process state: models by (bundle, checksum, device), and whether torch threads were set
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}
@@ -347,13 +363,15 @@ def _run_dask(todo: Sequence[Study], out_dir: Path, config: PipelineConfig, work
     rows: list[dict[str, object]] = []
     try:
         futures = {client.submit(run_study, st, str(out_dir), task_config, threads, timeout, pure=False,
-                                 key=f"ctseverity-{st.study}-{time.time_ns()}"): st for st in todo}
+                                 retries=TASK_RETRIES, key=f"ctseverity-{st.study}-{time.time_ns()}"): st
+                   for st in todo}
         for fut in as_completed(futures):
-            st = futures[fut]
+            st = futures.pop(fut)
             try:
                 row = fut.result()
-            except Exception as exc:  # noqa: BLE001 - e.g. a worker killed (out of memory)
+            except Exception as exc:  # noqa: BLE001 - KilledWorker (past allowed-failures), retries spent
                 row = _failure_row(st, config, 0.0, _one_line(f"{type(exc).__name__}: {exc}"))
+            fut.release()  # a row held on a worker that dies later would make dask run its study again
             rows.append(row)
             bar.update(1)
             if row["status"] != "ok":
