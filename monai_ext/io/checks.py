@@ -6,10 +6,12 @@ The rules (``docs/input_rules.md`` lists each with its message):
 - **resource guard** (:func:`check_declared_size`): the image a header declares must fit the file
   that holds it and, in memory, a budget (:func:`default_max_memory`); both are checked from the
   header, before anything is allocated.
-- **non-finite voxels** (:func:`repair_nonfinite`): NaN or infinite voxels outside the body become
-  air (-1000 HU); inside the body at most :data:`MAX_NONFINITE_FRACTION` of the body voxels are
-  filled by linear interpolation along the slice axis, more is refused; after the lung mask, more
-  than :data:`MAX_NONFINITE_FRACTION` of the lung repaired is refused (:meth:`InputReport.check_lung`).
+- **lost slices** (:func:`repair_lost_slices`): slices blank or without a finite value between slices
+  with content are missing slices, under the rule of missing DICOM slices below.
+- **non-finite voxels** (:func:`repair_nonfinite`): NaN or infinite voxels are filled by linear
+  interpolation along the slice axis (air where nothing is left to fill from); more than
+  :data:`MAX_NONFINITE_FRACTION` of the body voxels is refused, and, after the lung mask, more than
+  :data:`MAX_NONFINITE_FRACTION` of the lung (:meth:`InputReport.check_lung`).
 - **DICOM slice geometry** (:func:`regularize_slices`): duplicated slice positions (identical pixels:
   one is dropped; different pixels: refused), uneven spacing (resampled to the median spacing) and
   missing slices (at most :data:`MAX_MISSING_RUN` in a row and :data:`MAX_MISSING_FRACTION` of the
@@ -54,7 +56,8 @@ __all__ = [
     "nifti_nonfinite_mask",
     "nifti_form_warnings",
     "repair_nonfinite",
-    "blank_slices",
+    "lost_slices",
+    "repair_lost_slices",
     "regularize_slices",
     "slices_even",
     "spacing_tag_warning",
@@ -92,13 +95,11 @@ class InputReport:
         warnings: one sentence per repair or suspicion, in the order found.
         repaired: boolean mask of the voxels filled in (on the loaded grid), or ``None`` when none was.
         path: the input, named in refusals.
-        damage: what the repaired voxels were, in words (``"NaN or infinite"``) and in short (``"NaN/infinite"``).
     """
 
     warnings: list[str] = field(default_factory=list)
     repaired: np.ndarray | None = None
     path: str | None = None
-    damage: tuple[str, str] = ("NaN or infinite", "NaN/infinite")
 
     def warn(self, message: str) -> None:
         """Record a warning (once)."""
@@ -117,10 +118,10 @@ class InputReport:
         n_bad = int(np.count_nonzero(self.repaired & lung))
         if n_lung and n_bad > MAX_NONFINITE_FRACTION * n_lung:
             raise DamagedImageError(
-                f"{100 * n_bad / n_lung:.1f} % of the lung voxels were {self.damage[0]} ({n_bad} voxels); more than "
+                f"{100 * n_bad / n_lung:.1f} % of the lung voxels were NaN or infinite ({n_bad} voxels); more than "
                 f"{100 * MAX_NONFINITE_FRACTION:g} % cannot be repaired without changing the lesion share", self.path)
         if n_bad:
-            self.warn(f"{100 * n_bad / n_lung:.2f} % of the lung was repaired from {self.damage[1]} voxels "
+            self.warn(f"{100 * n_bad / n_lung:.2f} % of the lung was repaired from NaN/infinite voxels "
                       f"(at most {100 * MAX_NONFINITE_FRACTION:g} % is accepted)")
 
 
@@ -394,37 +395,86 @@ def repair_nonfinite(volume: np.ndarray, report: InputReport, extra_bad: np.ndar
     share = n_in / n_body
     if share > MAX_NONFINITE_FRACTION:
         raise DamagedImageError(
-            f"{100 * share:.1f} % of the voxels inside the body are {report.damage[0]} ({n_in} voxels on "
+            f"{100 * share:.1f} % of the voxels inside the body are NaN or infinite ({n_in} voxels on "
             f"{len(slices)} of {vol.shape[2]} slices); more than {100 * MAX_NONFINITE_FRACTION:g} % cannot be "
             "repaired without changing the result", path)
     outside = bad & ~body
     if n_in:
-        report.warn(f"{n_in} {report.damage[1]} voxels inside the body ({100 * share:.2f} % of it, on {len(slices)} "
+        report.warn(f"{n_in} NaN/infinite voxels inside the body ({100 * share:.2f} % of it, on {len(slices)} "
                     "slices) filled by interpolation between slices")
     if outside.any():
-        report.warn(f"{int(outside.sum())} {report.damage[1]} voxels outside the body filled (air, {AIR_HU:.0f} HU, "
+        report.warn(f"{int(outside.sum())} NaN/infinite voxels outside the body filled (air, {AIR_HU:.0f} HU, "
                     "where their column holds no value)")
     report.repaired = inside
     return vol
 
 
-def blank_slices(volume: np.ndarray) -> np.ndarray:
-    """Slices (along the last axis) holding a single value throughout, between the first and the last slice that
-    hold more: data lost in transfer or conversion (a blank slice in the middle of a chest is never real).
-
-    :func:`monai_ext.io.read_ct` treats their voxels as missing, under the rule of :func:`repair_nonfinite`.
-    """
+def lost_slices(volume: np.ndarray) -> np.ndarray:
+    """Slices (along the last axis) lost between the first and the last slice with content: a single value
+    throughout (blank, as a failed transfer or conversion leaves them; never real in a chest) or no finite value.
+    Such slices at either end are padding, not lost."""
     flat = volume.reshape(-1, volume.shape[-1])
-    if np.issubdtype(flat.dtype, np.floating):  # NaN left out (an all-NaN slice is not blank: NaN has its own rule)
+    if np.issubdtype(flat.dtype, np.floating):  # fmin/fmax leave NaN out; an all-NaN slice gives NaN
         lo, hi = np.fmin.reduce(flat, axis=0), np.fmax.reduce(flat, axis=0)
+        lost = (lo == hi) | ~np.isfinite(lo) | ~np.isfinite(hi)
     else:
-        lo, hi = flat.min(axis=0), flat.max(axis=0)
-    blank = lo == hi
-    content = np.flatnonzero(~blank)
+        lost = flat.min(axis=0) == flat.max(axis=0)
+    content = np.flatnonzero(~lost)
     if content.size == 0:
         return np.zeros(0, dtype=np.int64)
-    inner = np.arange(volume.shape[-1])
-    return np.flatnonzero(blank & (inner > content[0]) & (inner < content[-1]))
+    k = np.arange(volume.shape[-1])
+    return np.flatnonzero(lost & (k > content[0]) & (k < content[-1]))
+
+
+def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive indices as (first, last)."""
+    if indices.size == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(indices) > 1)
+    starts = np.concatenate([[0], cuts + 1])
+    ends = np.concatenate([cuts, [indices.size - 1]])
+    return [(int(indices[a]), int(indices[b])) for a, b in zip(starts, ends)]
+
+
+def repair_lost_slices(volume: np.ndarray, report: InputReport, path: str | os.PathLike | None = None) -> np.ndarray:
+    """Fill the slices :func:`lost_slices` finds by linear interpolation between their neighbours, or refuse.
+
+    The rule of missing DICOM slices (:func:`regularize_slices`): at most :data:`MAX_MISSING_RUN` in a row and
+    :data:`MAX_MISSING_FRACTION` of the slices in all are interpolated, with a warning; more is refused.
+
+    Args:
+        volume: (X, Y, Z); a float copy is made when slices are filled.
+        report: receives the warning.
+        path: the input, named in refusals.
+
+    Returns:
+        The volume with the lost slices filled (the same array when none is lost).
+
+    Raises:
+        DamagedImageError: too many slices lost, or too many in a row.
+    """
+    lost = lost_slices(volume)
+    if lost.size == 0:
+        return volume
+    n = volume.shape[-1]
+    runs = _runs(lost)
+    first, last = max(runs, key=lambda r: r[1] - r[0])
+    if last - first + 1 > MAX_MISSING_RUN:
+        raise DamagedImageError(
+            f"{last - first + 1} slices lost in a row (index {first} to {last}: blank or no finite value); at most "
+            f"{MAX_MISSING_RUN} in a row are interpolated", path)
+    if lost.size > MAX_MISSING_FRACTION * n:
+        raise DamagedImageError(
+            f"{lost.size} of {n} slices lost ({100 * lost.size / n:.0f} %: blank or no finite value); at most "
+            f"{100 * MAX_MISSING_FRACTION:g} % are interpolated", path)
+    vol = volume.astype(np.float32, copy=True)
+    bad = np.zeros(vol.shape, dtype=bool)
+    bad[..., lost] = True
+    _fill_along_z(vol, bad)
+    where = ", ".join(str(int(k)) for k in lost[:5]) + (" ..." if lost.size > 5 else "")
+    report.warn(f"{lost.size} lost slice{'s' if lost.size > 1 else ''} (blank or no finite value) at index {where} "
+                "filled by interpolation between their neighbours")
+    return vol
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from monai.transforms import Orientation
 from monai_ext.errors import NotAVolumeError, NotCTError
 from monai_ext.io.checks import (
     InputReport,
-    blank_slices,
     default_max_memory,
     nifti_form_warnings,
     nifti_nonfinite_mask,
+    repair_lost_slices,
     repair_nonfinite,
 )
 from monai_ext.io.reader import WARNINGS_KEY, SITKReader
@@ -107,14 +107,7 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
         if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
             array = array.astype(np.float32, copy=False)
             array[nifti_bad] = np.nan
-    blank = blank_slices(array)
-    if blank.size:  # a slice of one value in the middle of the chest: lost data, repaired or refused as NaN
-        array = array.astype(np.float32, copy=False)
-        array[..., blank] = np.nan
-        report.damage = ("NaN, infinite or on blank slices", "NaN/infinite/blank-slice")
-        where = ", ".join(str(int(k)) for k in blank[:5]) + (" ..." if blank.size > 5 else "")
-        report.warn(f"{blank.size} blank slice{'s' if blank.size > 1 else ''} (one value throughout) between slices "
-                    f"with content, at index {where}: treated as missing")
+    array = repair_lost_slices(array, report, path)  # whole slices lost: the rule of missing DICOM slices
     meta["filename_or_obj"] = str(Path(path))
     img = MetaTensor(torch.from_numpy(array).to(dtype)[None], meta=meta)
     if orientation is not None:
