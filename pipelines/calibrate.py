@@ -49,7 +49,7 @@ MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: rises above the normal lung level tried for the relative density rule (HU)
 DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)
 #: lesion growth from the heatmap through abnormal attenuation tried for the density rules (mm)
-GROW_MM = (0.0, 5.0, 10.0, 20.0, 40.0)
+GROW_MM = (0.0, 5.0, 10.0, 20.0)
 #: study calls tried (0: every study may have lesions)
 STUDY_CALLS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 #: lesion-% points added to the objective per wrong grade

@@ -230,6 +230,19 @@ def grow_within(seed: np.ndarray, mask: np.ndarray, spacing: Sequence[float], gr
     return out
 
 
+def _max_step(g: np.ndarray, z_too: bool) -> np.ndarray:
+    """Grey dilation of ``g`` with the in-plane cross (and the z neighbours when ``z_too``), as shifted maxima:
+    several times faster than ``ndimage.grey_dilation`` with a footprint."""
+    out = g.copy()
+    for axis in (0, 1, 2) if z_too else (0, 1):
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        np.maximum(out[tuple(lo)], g[tuple(hi)], out=out[tuple(lo)])
+        np.maximum(out[tuple(hi)], g[tuple(lo)], out=out[tuple(hi)])
+    return out
+
+
 def grow_levels(heat: np.ndarray, mask: np.ndarray, spacing: Sequence[float], radii: Sequence[float]
                 ) -> dict[float, np.ndarray]:
     """For each radius ``r``, the highest heat reachable inside ``mask`` within ``r`` (grey geodesic dilation):
@@ -243,7 +256,7 @@ def grow_levels(heat: np.ndarray, mask: np.ndarray, spacing: Sequence[float], ra
     for r in radii:
         k = len(geodesic_steps(spacing, r))
         for st in steps[done:k]:
-            g = ndi.grey_dilation(g, footprint=st)
+            g = _max_step(g, bool(st[1, 1, 0]))
             g[~mask] = 0.0
         done = k
         out[r] = g.copy()
