@@ -465,7 +465,7 @@ def repair_lost_slices(volume: np.ndarray, report: InputReport, path: str | os.P
             f"{MAX_MISSING_RUN} in a row are interpolated", path)
     if lost.size > MAX_MISSING_FRACTION * n:
         raise DamagedImageError(
-            f"{lost.size} of {n} slices lost ({100 * lost.size / n:.0f} %: blank or no finite value); at most "
+            f"{lost.size} of {n} slices lost ({100 * lost.size / n:.1f} %: blank or no finite value); at most "
             f"{100 * MAX_MISSING_FRACTION:g} % are interpolated", path)
     vol = volume.astype(np.float32, copy=True)
     bad = np.zeros(vol.shape, dtype=bool)
@@ -576,7 +576,7 @@ def regularize_slices(stack: np.ndarray, positions: np.ndarray, report: InputRep
             f"{_mm(pos[i + 1])} (slice step {_mm(med)}); at most {MAX_MISSING_RUN} in a row are interpolated", path)
     if n_missing > MAX_MISSING_FRACTION * n_new:
         raise DamagedImageError(
-            f"{n_missing} of {n_new} slices missing ({100 * n_missing / n_new:.0f} %, in {len(gaps)} "
+            f"{n_missing} of {n_new} slices missing ({100 * n_missing / n_new:.1f} %, in {len(gaps)} "
             f"gap{'s' if len(gaps) > 1 else ''}); at most "
             f"{100 * MAX_MISSING_FRACTION:g} % are interpolated", path)
     target = pos[0] + med * np.arange(n_new)

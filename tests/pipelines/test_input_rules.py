@@ -56,7 +56,7 @@ def test_damaged_studies_are_refused_or_graded_as_the_intact_one_with_warnings(d
     assert code == 1  # one study failed
     rows = _rows(out)
     assert rows["nan_slices"]["status"] == "failed"
-    assert rows["nan_slices"]["error"] == ("15 of 47 slices lost (32 %: blank or no finite value); at most 5 % are "
+    assert rows["nan_slices"]["error"] == ("15 of 47 slices lost (31.9 %: blank or no finite value); at most 5 % are "
                                            "interpolated")
     assert not (out / "nan_slices" / "result.json").exists()
     intact = rows["intact"]
