@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from monai_ext.io import load_ct
+from monai_ext.io import lung_extent_warnings, read_ct
 from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.discovery import find_studies
 from pipelines.predict import format_table
@@ -17,9 +17,9 @@ __all__ = ["register", "run_inspect"]
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    rows = []
+    rows, warnings = [], []
     for st in find_studies(args.inputs):
-        ct = load_ct(st.path, orientation=None)  # raises a CTSeverityError naming the input
+        ct, report = read_ct(st.path, orientation=None)  # raises a CTSeverityError naming the input
         arr = ct[0].as_tensor().reshape(-1)
         sample = arr[:: max(1, arr.numel() // 1_000_000)].float()
         p1, p99 = torch.quantile(sample, torch.tensor([0.01, 0.99])).tolist()
@@ -32,9 +32,15 @@ def run_inspect(args: argparse.Namespace) -> int:
             lung = LungMask(backend=args.lung_mask)(ct)
             ml = float((lung > 0).sum()) * float(np.prod(ct.pixdim.numpy())) / 1000.0
             row.append(f"{ml:.0f}")
+            mask = np.asarray(lung[0]) > 0
+            report.check_lung(mask)
+            report.warnings.extend(lung_extent_warnings(mask, ct.pixdim.tolist()))
         rows.append(row)
+        warnings += [f"warning: {st.study}: {w}" for w in report.warnings]
     header = ["study", "shape", "spacing_mm", "axes", "hu_p1..p99"] + (["lung_ml"] if args.lung else [])
     print(format_table(header, rows))
+    for line in warnings:  # what the input checks repaired or found suspicious (docs/input_rules.md)
+        print(line)
     return 0
 
 

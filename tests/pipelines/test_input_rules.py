@@ -120,3 +120,12 @@ def test_huge_header_is_one_line_before_any_allocation(tmp_path, capsys):
     assert err.startswith(f"ctseverity inspect: error: {path}: the header declares a 30000x30000x3000 int16 image: "
                           "processing it needs about 117.9 TB, more than the memory budget of")
     assert err.endswith("(--max-memory); the file is 1.0 kB")
+
+
+def test_inspect_lists_what_was_repaired(damaged, capsys):
+    assert main(["inspect", "--lung", "--lung-mask", "threshold", str(damaged / "blank_slice.nii.gz"),
+                 str(damaged / "intact.nii.gz")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln for ln in lines if ln.startswith("warning:")] == [
+        "warning: blank_slice: 1 lost slice (blank or no finite value) at index 20 filled by interpolation between "
+        "their neighbours"]
