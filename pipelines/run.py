@@ -134,8 +134,8 @@ def print_summary(summary: BatchSummary, truth_path: str | None = None) -> None:
     print(format_table(["study", "status", "grade", "lesion_%", "lung_ml", "lesion_ml", "lesions", "method",
                         "seconds", "error"], rows))
     for r in summary.rows:
-        if r.get("warnings"):
-            print(f"warning: {r['study']}: {r['warnings']}")
+        for w in filter(None, str(r.get("warnings") or "").split("; ")):  # results.csv joins them with "; "
+            print(f"warning: {r['study']}: {w}")
     print()
     parts = [f"{summary.n_ok} processed", f"{summary.n_failed} failed"]
     if summary.n_skipped:
