@@ -19,6 +19,7 @@ from monai_ext.errors import (
     NotAVolumeError,
     NotCTError,
     StudyTimeoutError,
+    UntrustedBundleError,
 )
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "DamagedImageError",
     "InputTooLargeError",
     "StudyTimeoutError",
+    "UntrustedBundleError",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "DamagedImageError",
     "InputTooLargeError",
     "StudyTimeoutError",
+    "UntrustedBundleError",
 ]
 
 
@@ -79,3 +80,8 @@ class InputTooLargeError(CTSeverityError, ValueError):
 
 class StudyTimeoutError(CTSeverityError, TimeoutError):
     """A study ran past its time limit."""
+
+
+class UntrustedBundleError(CTSeverityError, ValueError):
+    """A bundle that is not trusted asks for more than model weights and an allowed network
+    (another ``_target_``, a ``$`` expression, a reference): it could run code."""

@@ -193,7 +193,7 @@ def _get_model(config: PipelineConfig) -> LoadedModel | None:
         model = _MODELS.get(key)
         if model is None:
             log.debug("loading model %s on %s (pid %d)", key[0], key[2], os.getpid())
-            model = load_model(config.bundle, device=config.device)
+            model = load_model(config.bundle, device=config.device, trust=config.trust_bundle)
             _MODELS[key] = model
     return model
 

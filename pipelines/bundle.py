@@ -8,6 +8,14 @@ A trained model lives in a bundle's ``models/`` folder as
   every load), validation metrics, calibration of the lesion threshold, and the names of the
   attribution side files;
 - ``iba_estimator.pt``: the feature mean and std at the IBA bottleneck layer over training slices.
+
+Untrusted bundles: a MONAI config can instantiate any Python object (``_target_``) and run any
+expression (``$...``), so a bundle from elsewhere is code. Only the embedded bundle is trusted by
+default. From any other bundle :func:`load_model` reads the weights (``weights_only=True``, checksum
+checked) and builds the network only when ``model.json`` names one of :data:`SAFE_NETWORKS` with plain
+JSON arguments (no other ``_target_``, no ``$`` expression, ``@`` reference or ``%`` macro, no
+``pretrained`` download); anything else is refused with :class:`~monai_ext.errors.UntrustedBundleError`
+unless the bundle is trusted (``--trust-bundle``, or ``CTSEVERITY_TRUST_BUNDLE=1``).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +35,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.metrics import compute_roc_auc
 
-from monai_ext.errors import CTSeverityError, InputNotFoundError, ModelChecksumError
+from monai_ext.errors import CTSeverityError, InputNotFoundError, ModelChecksumError, UntrustedBundleError
 from monai_ext.io import atomic_path, atomic_write_text
 from pipelines import embedded_bundle
 
@@ -48,6 +57,11 @@ __all__ = [
     "evaluate_dataset",
     "write_evaluation",
     "copy_bundle",
+    "SAFE_NETWORKS",
+    "TRUST_ENV",
+    "is_trusted",
+    "check_bundle",
+    "safe_network",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,115 @@ def bundle_path(path: str | os.PathLike | None = None) -> Path:
     if not (p / "models" / "model.json").exists():
         raise InputNotFoundError("not a trained ct-severity bundle (models/model.json is missing)", p)
     return p
+
+
+#: the networks (``monai.networks.nets``) a bundle that is not trusted may name in ``model.json``
+SAFE_NETWORKS: tuple[str, ...] = (
+    "DenseNet", "DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264",
+    "ResNet", "resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet200",
+    "SENet", "SEResNet50", "SEResNet101", "SEResNet152", "SEResNext50", "SEResNext101",
+    "BasicUNet", "UNet",
+)
+
+#: environment variable that trusts every bundle (for commands without ``--trust-bundle``)
+TRUST_ENV = "CTSEVERITY_TRUST_BUNDLE"
+
+_TRUST_HINT = "pass --trust-bundle (or set CTSEVERITY_TRUST_BUNDLE=1) only if you trust the bundle's author"
+
+
+def is_trusted(root: str | os.PathLike, trust: bool | None = None) -> bool:
+    """Whether the bundle at ``root`` may run its configs as code: the embedded bundle, ``trust``
+    (``--trust-bundle``), or ``$CTSEVERITY_TRUST_BUNDLE`` set to a true value."""
+    if trust:
+        return True
+    if os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return os.path.realpath(root) == os.path.realpath(EMBEDDED_BUNDLE)
+
+
+def _check_plain(value: object, where: str, source: object) -> None:
+    """Refuse what MONAI's config parser would turn into code: a ``_target_`` or other ``_key_``,
+    a ``$`` expression, an ``@`` reference or a ``%`` macro, anything that is not plain JSON."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str) or (k.startswith("_") and k.endswith("_")):
+                raise UntrustedBundleError(f"model.json: {where} holds the config key {k!r}; {_TRUST_HINT}", source)
+            _check_plain(v, f"{where}.{k}", source)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]", source)
+    elif isinstance(value, str):
+        if value.lstrip().startswith(("$", "@", "%")):
+            raise UntrustedBundleError(f"model.json: {where} is the config expression {value[:60]!r}; {_TRUST_HINT}",
+                                       source)
+    elif value is not None and not isinstance(value, (bool, int, float)):
+        raise UntrustedBundleError(f"model.json: {where} is not a JSON value", source)
+
+
+def safe_network(network_def: object, source: object = None) -> torch.nn.Module:
+    """Build the network of an untrusted bundle's ``model.json`` without MONAI's config parser.
+
+    Args:
+        network_def: the ``network_def`` of ``model.json``: ``{"_target_": NAME, **args}``.
+        source: the file named in errors.
+
+    Raises:
+        UntrustedBundleError: the target is not one of :data:`SAFE_NETWORKS` (as ``NAME`` or
+            ``monai.networks.nets.NAME``), an argument is not plain JSON (a nested ``_target_``, a
+            ``$`` expression, an ``@`` reference, a ``%`` macro), ``pretrained`` is set (a download),
+            or the arguments do not build the network.
+    """
+    if not isinstance(network_def, dict):
+        raise UntrustedBundleError("model.json: network_def is not a network definition", source)
+    target = network_def.get("_target_")
+    name = target.removeprefix("monai.networks.nets.") if isinstance(target, str) else None
+    if name not in SAFE_NETWORKS:
+        raise UntrustedBundleError(f"model.json: the network {target!r} is not one an untrusted bundle may name "
+                                   f"(MONAI's {', '.join(SAFE_NETWORKS[:5])}, ... networks); {_TRUST_HINT}", source)
+    args = {k: v for k, v in network_def.items() if k != "_target_"}
+    _check_plain(args, "network_def", source)
+    if args.get("pretrained"):
+        raise UntrustedBundleError("model.json: network_def asks for pretrained weights (a download); the "
+                                   "bundle's own weights are used", source)
+    from monai.networks import nets
+
+    try:
+        return getattr(nets, name)(**args)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise UntrustedBundleError(f"model.json: {name} cannot be built from its arguments ({exc})", source) from exc
+
+
+def check_bundle(bundle: str | os.PathLike | None = None, trust: bool | None = None) -> Path:
+    """Check, before any study is read, that :func:`load_model` will build the bundle's network:
+    a trusted bundle, or ``model.json`` naming an allowed plain network and files inside ``models/``.
+
+    Returns:
+        The bundle folder.
+
+    Raises:
+        InputNotFoundError: no trained model in the bundle.
+        UntrustedBundleError: an untrusted bundle asks for more (see :func:`safe_network`).
+    """
+    root = bundle_path(bundle)
+    if is_trusted(root, trust):
+        return root
+    info = _read_model_json(root)
+    _model_file(root / "models", info.get("weights", "model.pt"), False)
+    if info.get("iba_estimator"):
+        _model_file(root / "models", info["iba_estimator"], False)
+    with torch.device("meta"):  # builds no weights: only the definition is checked
+        safe_network(info.get("network_def"), root / "models" / "model.json")
+    return root
+
+
+def _read_model_json(root: Path) -> dict:
+    try:
+        info = json.loads((root / "models" / "model.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CTSeverityError(f"cannot read models/model.json ({exc})", root) from exc
+    if not isinstance(info, dict):
+        raise CTSeverityError("models/model.json is not a model description", root)
+    return info
 
 
 def network_config(target: str, args: dict) -> dict:
@@ -153,38 +276,67 @@ def run_key(info: dict) -> str:
     return f"{info.get('sha256', '')}:{digest}"
 
 
-def load_model(bundle: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(bundle: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+               trust: bool | None = None) -> LoadedModel:
     """Load the trained classifier of a bundle, verifying its checksum.
+
+    The weights are read with ``weights_only=True``. A bundle that is not trusted (:func:`is_trusted`:
+    not the embedded bundle, no ``trust``) gets its network built by :func:`safe_network` only.
 
     Args:
         bundle: bundle folder (default: ``$CTSEVERITY_BUNDLE`` or the embedded bundle).
         device: where to put the network.
+        trust: build the network with MONAI's config parser whatever ``model.json`` asks for
+            (``--trust-bundle``).
 
     Raises:
         InputNotFoundError: no trained model in the bundle.
         ModelChecksumError: ``model.pt`` does not match the checksum in ``model.json``.
+        UntrustedBundleError: an untrusted bundle's network is not a plain allowed MONAI network.
+
+    Example::
+
+        model = load_model("downloaded_bundle")               # weights and an allowed network only
+        model = load_model("my_bundle", trust=True)           # any network_def (runs its config)
     """
     root = bundle_path(bundle)
     models = root / "models"
-    info = json.loads((models / "model.json").read_text())
-    weights = models / info.get("weights", "model.pt")
+    info = _read_model_json(root)
+    trusted = is_trusted(root, trust)
+    weights = _model_file(models, info.get("weights", "model.pt"), trusted)
     if not weights.exists():
         raise InputNotFoundError("model weights missing", weights)
     digest = sha256_file(weights)
     if digest != info.get("sha256"):
         raise ModelChecksumError(f"checksum mismatch (expected {info.get('sha256')}, file has {digest}); "
                                  "the file is damaged or was replaced", weights)
-    net = ConfigParser({"net": dict(info["network_def"])}).get_parsed_content("net")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if trusted:
+        net = ConfigParser({"net": dict(info["network_def"])}).get_parsed_content("net")
+    else:
+        net = safe_network(info.get("network_def"), models / "model.json")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as exc:
+        raise CTSeverityError(f"not the weights of its network ({type(exc).__name__}: {str(exc)[:200]})",
+                              weights) from exc
     dev = torch.device(device)
     net = net.to(dev).eval()
     est = None
-    if info.get("iba_estimator") and (models / info["iba_estimator"]).exists():
+    if info.get("iba_estimator") and _model_file(models, info["iba_estimator"], trusted).exists():
         from monai_ext.attribution import FeatureEstimator
 
-        est = FeatureEstimator.load(models / info["iba_estimator"])
+        est = FeatureEstimator.load(_model_file(models, info["iba_estimator"], trusted))  # weights_only
     return LoadedModel(net, info, root, est, dev)
+
+
+def _model_file(models: Path, name: object, trusted: bool) -> Path:
+    """A file named in ``model.json``: for an untrusted bundle only a plain file name inside ``models/``."""
+    if not trusted and (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
+                        or "\\" in name):
+        raise UntrustedBundleError(f"model.json names the file {name!r} outside models/; {_TRUST_HINT}",
+                                   models / "model.json")
+    return models / str(name)
 
 
 def study_probability(slice_probs: torch.Tensor | np.ndarray, top_fraction: float = 0.1, min_slices: int = 3) -> float:

@@ -561,7 +561,7 @@ def write_outputs(out: Path, evals: Sequence[MethodEvaluation], data: EvalSlices
 
 def severity_agreement(study_paths: Sequence[str], truth: str | Path, methods: Sequence[str], out: Path,
                        bundle: str | None, device: str, lung_mask: str = "auto", batch_size: int = 16,
-                       params: dict | None = None, progress: bool = True) -> list[dict]:
+                       params: dict | None = None, progress: bool = True, trust_bundle: bool = False) -> list[dict]:
     """Grade the studies with each method through :func:`pipelines.batch.run_batch` (into
     ``out/severity/<method>/``, resumable) and compare with the truth (:func:`pipelines.report.agreement`).
 
@@ -576,7 +576,8 @@ def severity_agreement(study_paths: Sequence[str], truth: str | Path, methods: S
     results = []
     for method in methods:
         config = PipelineConfig(method=method, bundle=bundle, lung_mask=lung_mask, device=device,
-                                batch_size=batch_size, method_params=dict((params or {}).get(method, {}))).validate()
+                                batch_size=batch_size, method_params=dict((params or {}).get(method, {})),
+                                trust_bundle=trust_bundle).validate()
         summary = run_batch(list(study_paths), out / "severity" / method, config, truth=truth, progress=progress)
         pairs = [(float(r["lesion_percent"]), str(r["grade"]), table[r["study"]]["lesion_percent"],
                   table[r["study"]]["grade"]) for r in summary.rows if r["status"] == "ok" and r["study"] in table]
@@ -624,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputNotFoundError("truth file not found", args.truth)
     progress = not args.quiet
     device = resolve_device(args.device)
-    model = load_model(args.bundle, device=device)
+    model = load_model(args.bundle, device=device, trust=args.trust_bundle)
     _metrics(settings, model)  # bad metric settings fail before any work
     for m in methods:  # so do bad method parameters
         build_attributor(m, model, params.get(m))
@@ -647,7 +648,8 @@ def run(args: argparse.Namespace) -> int:
     severity = []
     if args.truth is not None and severity_methods:
         severity = severity_agreement(data.study_paths, args.truth, severity_methods, out, args.bundle, device,
-                                      args.lung_mask, params=params, progress=progress)
+                                      args.lung_mask, params=params, progress=progress,
+                                      trust_bundle=args.trust_bundle)
     summary = {
         "data": str(args.data),
         "kind": data.kind,
@@ -682,6 +684,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
+    from pipelines.run import add_bundle_options
+
     p = sub.add_parser(
         "evaluate",
         help="score attribution methods (faithfulness, robustness, localization) on a data set",
@@ -695,7 +699,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
                    help=f"comma-separated methods among {', '.join(EVAL_METHODS)} (default {','.join(METHODS)})")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--bundle", metavar="PATH", help="bundle folder (default: the embedded bundle)")
+    add_bundle_options(p)
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda ... (default auto)")
     p.add_argument("--max-slices", dest="max_slices", type=int, default=12, metavar="N",
                    help="most lung slices per CT study, lesion slices first then negatives, seeded (0: all; "

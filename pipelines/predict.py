@@ -55,7 +55,7 @@ def predict_to_csv(inputs: str | Sequence[str], output_dir: str | Path, bundle: 
 
 def run_predict(args: argparse.Namespace) -> int:
     studies = find_studies(args.inputs)
-    model = load_model(args.bundle, device=args.device)
+    model = load_model(args.bundle, device=args.device, trust=args.trust_bundle)
     # the bundle's calibrated study call (the study probability below which run grades CT-0), else 0.5
     call = float(model.calibration.get("study_call") or 0.5)
     rows, slice_rows, failed = [], [], 0
@@ -79,11 +79,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipelines.run import add_bundle_options
+
     p = sub.add_parser("predict", help="lesion probability per study with the slice classifier",
                        description="Classify the lung slices of each study and print one row per study.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="study file, DICOM series folder, folder of studies, or CSV manifest")
-    p.add_argument("--bundle", help="bundle folder (default: the embedded bundle)")
+    add_bundle_options(p)
     p.add_argument("--slices", action="store_true", help="also print one row per slice")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from pipelines.batch import BatchSummary
     from pipelines.study import PipelineConfig
 
-__all__ = ["register", "run", "add_run_options", "config_from_args", "print_summary", "resolve_device"]
+__all__ = ["register", "run", "add_run_options", "add_bundle_options", "TRUST_BUNDLE_HELP", "config_from_args",
+           "print_summary", "resolve_device"]
 
 METHOD_CHOICES = (*METHODS, "density")
 
@@ -46,11 +47,25 @@ def add_run_options(p: argparse.ArgumentParser, method_default: str = "iba") -> 
     p.add_argument("--method", default=method_default, choices=METHOD_CHOICES,
                    help=f"attribution method, or density (abnormal attenuation, no classifier) "
                         f"(default {method_default})")
-    p.add_argument("--bundle", metavar="PATH", help="bundle folder (default: the embedded bundle)")
+    add_bundle_options(p)
     p.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 ... (default auto)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes (default 1: in this process; N > 1: a local dask cluster, "
                         "or one worker per GPU with a cuda device)")
+
+
+#: what ``--trust-bundle`` says in every command's help
+TRUST_BUNDLE_HELP = ("run the bundle's model.json network definition as MONAI config code. Without it a bundle other "
+                     "than the embedded one is only read for its weights (weights_only, checksum checked) and a "
+                     "plain MONAI network (DenseNet, ResNet, SENet, UNet ...): a bundle from elsewhere could "
+                     "otherwise run any code (_target_, $ expressions). Give it only for bundles you trust")
+
+
+def add_bundle_options(p: argparse.ArgumentParser) -> None:
+    """``--bundle`` and ``--trust-bundle`` (``run``, ``demo``, ``predict``, ``evaluate``)."""
+    p.add_argument("--bundle", metavar="PATH",
+                   help="bundle folder (default: the embedded bundle); see --trust-bundle")
+    p.add_argument("--trust-bundle", dest="trust_bundle", action="store_true", help=TRUST_BUNDLE_HELP)
 
 
 def _method_params(method: str, items: list[str] | None) -> dict:
@@ -99,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         dicom_out=getattr(args, "dicom_out", None),
         batch_size=getattr(args, "batch_size", None) or 16,
         max_memory=_max_memory(args),
+        trust_bundle=bool(getattr(args, "trust_bundle", False)),
     ).validate()
 
 
@@ -173,6 +189,10 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if config.method != "density":  # an untrusted bundle's refusal in one line, not once per study
+        from pipelines.bundle import check_bundle
+
+        check_bundle(config.bundle, config.trust_bundle)
     summary = run_batch(args.inputs, args.out, config, workers=args.workers, scheduler=args.scheduler,
                         truth=args.truth, progress=not args.quiet, study_timeout=args.study_timeout)
     print_summary(summary, args.truth)

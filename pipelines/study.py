@@ -89,6 +89,8 @@ class PipelineConfig:
             never.
         max_memory: memory budget of one study in bytes: an input whose header declares a larger
             volume is refused before it is read (``None``: no budget).
+        trust_bundle: build the bundle's network with MONAI's config parser whatever its ``model.json``
+            asks for (:func:`pipelines.bundle.load_model`); otherwise only an allowed plain network.
     """
 
     method: str = "iba"
@@ -109,6 +111,7 @@ class PipelineConfig:
     dicom_out: bool | None = None
     method_params: dict = field(default_factory=dict)
     max_memory: int | None = None
+    trust_bundle: bool = False
 
     def validate(self) -> PipelineConfig:
         """Check the settings; raises ``ValueError`` naming the bad one."""
@@ -135,8 +138,9 @@ class PipelineConfig:
         return self
 
     def fingerprint(self, model_checksum: str = "") -> str:
-        """Hash of everything that changes a study's results (not the device, batch size or memory budget)."""
-        keys = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "max_memory")}
+        """Hash of everything that changes a study's results (not the device, batch size, memory budget or trust)."""
+        keys = {k: v for k, v in asdict(self).items()
+                if k not in ("device", "batch_size", "max_memory", "trust_bundle")}
         for key in ("dicom_out", "grow_mm"):  # their defaults leave the fingerprints of earlier runs as they were
             if keys.get(key) is None:
                 keys.pop(key, None)
