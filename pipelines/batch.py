@@ -236,6 +236,7 @@ def _row_from_result(res: dict) -> dict[str, object]:
         "seconds": res.get("timings_s", {}).get("total", ""),
         "error": "",
         "warnings": "; ".join(res.get("warnings", [])),
+        **{f"patient_{k}": v for k, v in (res.get("patient") or {}).items()},  # only with --keep-identifiers
     }
 
 
@@ -308,9 +309,13 @@ def collect_rows(out_dir: str | os.PathLike, failures: Sequence[dict[str, object
 
 
 def write_results_csv(out_dir: str | os.PathLike, rows: Sequence[dict[str, object]]) -> Path:
-    """Write ``out_dir/results.csv`` (columns :data:`RESULT_COLUMNS`) atomically."""
+    """Write ``out_dir/results.csv`` (columns :data:`RESULT_COLUMNS`, and the patient columns where a row has
+    them: ``--keep-identifiers``) atomically."""
+    from pipelines.dicom.privacy import PATIENT_COLUMNS
+
+    columns = [*RESULT_COLUMNS, *(c for c in PATIENT_COLUMNS if any(c in r for r in rows))]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS), lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore", restval="")
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(Path(out_dir) / "results.csv", buf.getvalue())
@@ -330,7 +335,10 @@ def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int
 
     if scheduler:
         log.info("connecting to the dask scheduler at %s", scheduler)
-        return Client(scheduler), None, None, device
+        try:
+            return Client(scheduler), None, None, device
+        except OSError as exc:  # nothing listening there, or too slow to answer (TimeoutError is an OSError)
+            raise CTSeverityError(f"cannot reach the dask scheduler: {_one_line(exc)}", scheduler) from None
     n_gpu = _gpu_count(device)
     n = max(1, min(workers, n_tasks))
     if not log.isEnabledFor(logging.DEBUG):  # the cluster we start is an implementation detail: no INFO chatter
@@ -410,7 +418,7 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
 
     Raises:
         InputNotFoundError, CTSeverityError: an input or the bundle is missing, no study was found,
-            a bad truth file, dask-cuda missing for GPU workers.
+            a bad truth file, dask-cuda missing for GPU workers, a scheduler that cannot be reached.
         ValueError: bad settings.
     """
     t_start = time.perf_counter()

@@ -114,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         dicom_out=getattr(args, "dicom_out", None),
         batch_size=getattr(args, "batch_size", None) or 16,
         max_memory=_max_memory(args),
+        keep_identifiers=bool(getattr(args, "keep_identifiers", False)),
         trust_bundle=bool(getattr(args, "trust_bundle", False)),
     ).validate()
 
@@ -193,6 +194,14 @@ def run(args: argparse.Namespace) -> int:
         from pipelines.bundle import check_bundle
 
         check_bundle(config.bundle, config.trust_bundle)
+    urls = [i for i in args.inputs if str(i).lower().startswith(("dicomweb+http://", "dicomweb+https://"))]
+    if urls or args.study or args.study_date or args.store:
+        if len(urls) != 1:
+            raise ValueError("--study, --study-date and --store need one DICOMweb input (dicomweb+http://host/path)"
+                             if not urls else "one DICOMweb server per run")
+        from pipelines.dicom.pacs import run_pacs
+
+        return run_pacs(args, config, [i for i in args.inputs if i not in urls], urls[0])
     summary = run_batch(args.inputs, args.out, config, workers=args.workers, scheduler=args.scheduler,
                         truth=args.truth, progress=not args.quiet, study_timeout=args.study_timeout)
     print_summary(summary, args.truth)
@@ -209,7 +218,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "complete in DIR (same settings) are skipped. Exit code 1 if any study failed.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="study file, DICOM series folder, folder of studies (recursive), or CSV manifest")
+                   help="study file, DICOM series folder, folder of studies (recursive), CSV manifest, or a DICOMweb "
+                        "server: dicomweb+http(s)://host:port/path with --study or --study-date (docs/pacs.md)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     add_run_options(p)
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS,
@@ -249,6 +259,25 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--study-timeout", dest="study_timeout", type=float, metavar="SECONDS",
                    help="time limit per study: a study past it is recorded as failed and the batch goes on "
                         "(checked between stages and attribution batches; default: none)")
+    p.add_argument("--keep-identifiers", dest="keep_identifiers", action="store_true",
+                   help="put the patient name, ID and birth date of DICOM inputs into result.json and results.csv "
+                        "(and a PACS run's log); by default only the DICOM outputs hold them")
+    pacs = p.add_argument_group(
+        "PACS (a DICOMweb input)",
+        "Studies are pulled from the server (the thin-slice axial CT series of each; the rule is logged) into "
+        "DIR/pacs/<StudyInstanceUID>/ and graded as DIR/<StudyInstanceUID>/. Credentials come from "
+        "CTSEVERITY_DICOMWEB_USER and CTSEVERITY_DICOMWEB_PASSWORD (or CTSEVERITY_DICOMWEB_TOKEN) or a netrc entry "
+        "of the host, never from the command line. Example: ctseverity run dicomweb+http://localhost:8042/dicom-web "
+        "--study 1.2.840.113619.2.55.3 --out results --store")
+    pacs.add_argument("--study", action="append", default=None, metavar="UID",
+                      help="Study Instance UID to grade (repeatable)")
+    pacs.add_argument("--study-date", dest="study_date", metavar="RANGE",
+                      help="grade the studies a QIDO-RS query finds: study date YYYYMMDD, YYYYMMDD-YYYYMMDD, "
+                           "YYYYMMDD- or -YYYYMMDD")
+    pacs.add_argument("--modality", default="CT", metavar="M",
+                      help="with --study-date: a modality the studies hold (default CT)")
+    pacs.add_argument("--store", action="store_true",
+                      help="send each graded study's DICOM SEG, SR and overview capture back into it (STOW-RS)")
     p.set_defaults(func=run)
     return p
 

@@ -84,6 +84,9 @@ class PipelineConfig:
         batch_size: slices per attribution batch.
         seed: seed for stochastic methods (IBA noise, iGOS++ noise).
         overview: write ``overview.png``.
+        keep_identifiers: put the patient name, ID and birth date of a DICOM input's headers into
+            ``result.json`` (``patient``) and ``results.csv``; without it no output but the DICOM ones holds them
+            (:mod:`pipelines.dicom.privacy`).
         dicom_out: write a DICOM Segmentation and SR (:mod:`pipelines.dicom`): ``None`` for DICOM series
             inputs only, ``True`` for every input (a CT series with generated UIDs for the others), ``False``
             never.
@@ -108,6 +111,7 @@ class PipelineConfig:
     batch_size: int = 16
     seed: int = 0
     overview: bool = True
+    keep_identifiers: bool = False
     dicom_out: bool | None = None
     method_params: dict = field(default_factory=dict)
     max_memory: int | None = None
@@ -144,6 +148,8 @@ class PipelineConfig:
         for key in ("dicom_out", "grow_mm"):  # their defaults leave the fingerprints of earlier runs as they were
             if keys.get(key) is None:
                 keys.pop(key, None)
+        if not keys.get("keep_identifiers"):
+            keys.pop("keep_identifiers", None)
         return hashlib.sha256(json.dumps([keys, model_checksum], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -389,6 +395,10 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "fingerprint": config.fingerprint(model.run_key if model is not None else ""),
         "outputs": outputs,
     }
+    if config.keep_identifiers:
+        from pipelines.dicom.privacy import patient_identifiers
+
+        result["patient"] = patient_identifiers(study.path)
     if config.dicom_out or (config.dicom_out is None and Path(study.path).is_dir()):
         from pipelines.dicom import study_dicom_outputs
 

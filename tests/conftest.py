@@ -152,6 +152,33 @@ def dicom_crop_series(tmp_path_factory) -> tuple[Path, dict]:
     return out, dict(TEST_IDENTIFIERS)
 
 
+def identifier_leaks(paths, identifiers: dict, extra: tuple[str, ...] = ()) -> tuple[list, int]:
+    """Where patient identifiers (and ``extra`` strings) occur in the files of ``paths`` that are not DICOM
+    (``.dcm``); gzip files are read decompressed. Returns ``([(path, string), ...], files checked)``."""
+    import gzip
+
+    needles = [identifiers["PatientID"], identifiers["PatientBirthDate"],
+               f"{identifiers['PatientBirthDate'][:4]}-{identifiers['PatientBirthDate'][4:6]}-"
+               f"{identifiers['PatientBirthDate'][6:]}", *identifiers["PatientName"].split("^"), *extra]
+    found, checked = [], 0
+    for path in paths:
+        path = Path(path)
+        if not path.is_file() or path.suffix == ".dcm":
+            continue
+        data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
+        found += [(path, n) for n in needles if n.encode() in data]
+        checked += 1
+    return found, checked
+
+
+@pytest.fixture(scope="session")
+def find_identifiers():
+    """:func:`identifier_leaks`: ``find_identifiers(paths, identifiers, extra=())``."""
+    return identifier_leaks
+
+
 def write_ct_series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float]], pixel_mm: float = 3.9,
                     uid: str = "1.2.826.0.1.3680043.2.1125.77") -> Path:
     """Write a DICOM CT series of ``vol``'s (i, j, k) slices into ``folder``: one file per

@@ -1,6 +1,6 @@
 """``ctseverity run --scheduler`` on a real dask cluster (a scheduler and two workers on 127.0.0.1) that
 loses a worker to SIGKILL in the middle of the batch: dask reschedules its study and every study gets
-the results of a sequential run in this process."""
+the results of a sequential run in this process. A scheduler that cannot be reached is one line."""
 
 from __future__ import annotations
 
@@ -165,3 +165,24 @@ def test_batch_on_an_external_scheduler_survives_a_killed_worker(tiny_bundle_ung
             b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local" / study / f"{name}.nii.gz")))
             np.testing.assert_array_equal(a, b, err_msg=f"{study} {name}")
         assert not list((out / study).glob(".*")), study  # no temporary file left by the killed worker
+
+
+def test_a_scheduler_that_cannot_be_reached_is_one_line(tmp_path, capsys):
+    import socket
+
+    import dask
+
+    from pipelines.cli import main
+
+    with socket.socket() as sock:  # a port on 127.0.0.1 that nothing listens on
+        sock.bind((HOST, 0))
+        address = f"tcp://{HOST}:{sock.getsockname()[1]}"
+    write_studies(tmp_path / "in", [0], shape=(32, 32, 12), spacing=(8.0, 8.0, 16.0), progress=False)
+    (tmp_path / "in" / "truth.csv").unlink()
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        rc = main(["-q", "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--method", "density",
+                   "--scheduler", address])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"ctseverity run: error: {address}: cannot reach the dask scheduler: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
