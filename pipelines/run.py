@@ -116,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         max_memory=_max_memory(args),
         keep_identifiers=bool(getattr(args, "keep_identifiers", False)),
         trust_bundle=bool(getattr(args, "trust_bundle", False)),
+        series_uid=getattr(args, "series_uid", None),
     ).validate()
 
 
@@ -251,6 +252,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="write DIR/<study>/dicom/: a DICOM Segmentation (lung, lesions) and a measurement report SR; "
                         "by default for DICOM series inputs only; for other inputs a CT series with generated UIDs "
                         "is written beside them (--no-dicom-out: never)")
+    p.add_argument("--series", dest="series_uid", metavar="UID",
+                   help="the DICOM series (Series Instance UID) to grade in a folder holding several; by default the "
+                        "axial CT series fit for the lungs: thin slices, lung kernel, most slices (the choice is "
+                        "logged and kept as a warning); localizers, dose reports and SR files are left out")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, metavar="N",
                    help="slices per attribution batch (default 16)")
     p.add_argument("--max-memory", dest="max_memory", metavar="SIZE",

@@ -94,6 +94,8 @@ class PipelineConfig:
             volume is refused before it is read (``None``: no budget).
         trust_bundle: build the bundle's network with MONAI's config parser whatever its ``model.json``
             asks for (:func:`pipelines.bundle.load_model`); otherwise only an allowed plain network.
+        series_uid: the DICOM series to read from a folder holding several (``--series``); ``None``: the
+            axial CT series fit for the lungs (:mod:`monai_ext.io.dicom_select`).
     """
 
     method: str = "iba"
@@ -116,6 +118,7 @@ class PipelineConfig:
     method_params: dict = field(default_factory=dict)
     max_memory: int | None = None
     trust_bundle: bool = False
+    series_uid: str | None = None
 
     def validate(self) -> PipelineConfig:
         """Check the settings; raises ``ValueError`` naming the bad one."""
@@ -145,7 +148,7 @@ class PipelineConfig:
         """Hash of everything that changes a study's results (not the device, batch size, memory budget or trust)."""
         keys = {k: v for k, v in asdict(self).items()
                 if k not in ("device", "batch_size", "max_memory", "trust_bundle")}
-        for key in ("dicom_out", "grow_mm"):  # their defaults leave the fingerprints of earlier runs as they were
+        for key in ("dicom_out", "grow_mm", "series_uid"):  # their defaults leave earlier fingerprints as they were
             if keys.get(key) is None:
                 keys.pop(key, None)
         if not keys.get("keep_identifiers"):
@@ -273,7 +276,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         raise ValueError(f"method {config.method!r} needs a model")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    ct, report = read_ct(study.path, max_bytes=config.max_memory)
+    ct, report = read_ct(study.path, series_uid=config.series_uid, max_bytes=config.max_memory)
     spacing = [float(v) for v in ct.pixdim.tolist()]
     t["load"] = time.perf_counter() - t0
     check_time("the lung mask")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from monai_ext.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from monai_ext.io.checks import InputReport, default_max_memory, lung_extent_warnings, parse_memory
 from monai_ext.io.ct import MIN_INPLANE, MIN_SLICES, load_ct, read_ct, validate_ct
+from monai_ext.io.dicom_select import SeriesInfo, choose_series, kernel_class, scan_dicom_folder
 from monai_ext.io.reader import SUPPORTED_SUFFIXES, SITKReader, dicom_series, read_sitk_image
 from monai_ext.io.writer import ReferenceGrid, reference_grid, to_reference_grid, write_like
 
@@ -13,6 +14,10 @@ __all__ = [
     "SUPPORTED_SUFFIXES",
     "read_sitk_image",
     "dicom_series",
+    "scan_dicom_folder",
+    "choose_series",
+    "kernel_class",
+    "SeriesInfo",
     "load_ct",
     "read_ct",
     "InputReport",

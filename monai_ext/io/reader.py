@@ -1,8 +1,14 @@
 """A MONAI :class:`~monai.data.ImageReader` backed by SimpleITK.
 
 It reads NIfTI (``.nii``, ``.nii.gz``), NRRD/MHA/MHD files and DICOM: a single file, or a folder
-holding a DICOM series (slices sorted by position by GDCM). A folder with several series gives
-the one with the most slices (and logs which) unless a series UID is asked for.
+holding a DICOM series (slices sorted by position). A folder with several series gives the axial CT
+series fit for the lungs (:mod:`monai_ext.io.dicom_select`: thin slices, lung kernel, most slices; the
+choice and the series left out are logged and kept as a warning) unless a series UID is asked for;
+localizers, dose reports, structured reports and other files that are not CT slices are left out.
+Single-frame slices are decoded by GDCM (uncompressed, deflate, RLE, JPEG lossless, JPEG-LS, JPEG
+2000); an enhanced (or legacy converted enhanced) multi-frame CT image by pydicom. A series acquired
+with a gantry tilt is resampled onto a grid perpendicular to its slices (each slice shifted in its
+plane by linear interpolation), with a warning.
 
 The array layout and metadata follow MONAI's ``ITKReader``: the array is indexed in ITK order
 (x, y, z), ``affine``/``original_affine`` map voxel indices to RAS world coordinates and
@@ -14,6 +20,7 @@ direction in LPS) is kept under ``sitk_origin``, ``sitk_spacing`` and ``sitk_dir
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from collections.abc import Sequence
@@ -25,7 +32,13 @@ from monai.data import ImageReader
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-from monai_ext.errors import CorruptImageError, InputNotFoundError, NoDicomSeriesError, NotAnImageError
+from monai_ext.errors import (
+    CorruptImageError,
+    DamagedImageError,
+    InputNotFoundError,
+    NoDicomSeriesError,
+    NotAnImageError,
+)
 from monai_ext.io.checks import (
     InputReport,
     attached_data_offset,
@@ -60,11 +73,22 @@ def _lower_name(path: Path) -> str:
 
 
 def dicom_series(folder: str | os.PathLike) -> dict[str, list[str]]:
-    """The DICOM series in ``folder``: series UID -> its files sorted by slice position."""
-    folder = str(folder)
-    reader = sitk.ImageSeriesReader
-    uids = reader.GetGDCMSeriesIDs(folder) or ()
-    return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
+    """The CT series in ``folder``: series UID -> its image files sorted by slice position (along the
+    slice normal); localizers and files that are not CT images are left out."""
+    from monai_ext.io.dicom_select import scan_dicom_folder
+
+    series, _ = scan_dicom_folder(folder)
+    return {uid: _sorted_files(info) for uid, info in series.items()}
+
+
+def _sorted_files(info) -> list[str]:
+    """The files of a :class:`~monai_ext.io.dicom_select.SeriesInfo` by position along the slice normal."""
+    files = info.files
+    if len(files) > 1 and all(f.position and f.orientation and len(f.orientation) == 6 for f in files):
+        iop = np.asarray(files[0].orientation, dtype=np.float64)
+        normal = np.cross(iop[:3], iop[3:])
+        return [f.path for f in sorted(files, key=lambda f: float(np.dot(f.position, normal)))]
+    return [f.path for f in files]
 
 
 def read_sitk_image(path: str | os.PathLike, series_uid: str | None = None, max_bytes: int | None = None
@@ -130,21 +154,35 @@ def _check_budget(path: Path, size: Sequence[int], pixel_id: int, components: in
 
 
 def _read_series(folder: Path, series_uid: str | None, max_bytes: int | None = None) -> sitk.Image:
-    series = dicom_series(folder)
-    if not series:
-        raise NoDicomSeriesError("the folder holds no DICOM series", folder)
-    if series_uid is not None:
-        if series_uid not in series:
-            raise NoDicomSeriesError(f"no series {series_uid!r}; found {', '.join(sorted(series))}", folder)
-        uid = series_uid
+    from monai_ext.io.dicom_select import choose_series, scan_dicom_folder
+
+    series, ignored = scan_dicom_folder(folder)
+    dicom = [(f, why) for f, why in ignored if not why.startswith("not readable as DICOM")]
+    if not series and dicom:
+        kinds = sorted({why for _, why in dicom})
+        raise NoDicomSeriesError(f"no CT image series: {len(dicom)} DICOM file(s) left out ({', '.join(kinds)})",
+                                 folder)
+    chosen, why = choose_series(series, folder, series_uid)
+    if why:
+        log.info("%s: %s", folder, why)
+    uid = chosen.uid
+    if chosen.files[0].multiframe:
+        img = _read_multiframe(chosen.files[0].path, folder, max_bytes)
+        files = [chosen.files[0].path]
     else:
-        uid = max(series, key=lambda k: len(series[k]))
-        if len(series) > 1:
-            log.warning(
-                "%s holds %d DICOM series; reading %s (%d slices), the one with the most slices "
-                "(pass a series UID to choose another)", folder, len(series), uid, len(series[uid]),
-            )
-    files = series[uid]
+        files = _sorted_files(chosen)
+        img = _read_slices(files, uid, folder, max_bytes)
+    if why:
+        previous = img.GetMetaData(WARNINGS_KEY) if img.HasMetaDataKey(WARNINGS_KEY) else ""
+        img.SetMetaData(WARNINGS_KEY, "\n".join(filter(None, [why, previous])))
+    img.SetMetaData("ctseverity|series_uid", uid)
+    img.SetMetaData("ctseverity|n_series", str(len(series)))
+    img.SetMetaData("ctseverity|n_files", str(len(files)))
+    return img
+
+
+def _read_slices(files: list[str], uid: str, folder: Path, max_bytes: int | None) -> sitk.Image:
+    """Single-frame slices (sorted by position) read by GDCM, on an even grid perpendicular to them."""
     try:
         first = sitk.ImageFileReader()
         first.SetFileName(files[0])
@@ -164,51 +202,148 @@ def _read_series(folder: Path, series_uid: str | None, max_bytes: int | None = N
         raise CorruptImageError(f"cannot read DICOM series {uid} ({_first_line(exc)})", folder) from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-    img = _even_slices(img, reader, files, folder)
-    for key in reader.GetMetaDataKeys(0):
-        if key in _DICOM_TAGS:
-            img.SetMetaData(key, reader.GetMetaData(0, key))
-    img.SetMetaData("ctseverity|series_uid", uid)
-    img.SetMetaData("ctseverity|n_series", str(len(series)))
-    img.SetMetaData("ctseverity|n_files", str(len(files)))
-    return img
-
-
-def _even_slices(img: sitk.Image, reader: sitk.ImageSeriesReader, files: Sequence[str], folder: Path) -> sitk.Image:
-    """The series on an even slice grid (:func:`regularize_slices`), with its warnings under :data:`WARNINGS_KEY`."""
     n = len(files)
     keys = ("0020|0032", "0020|0037")
-    if n < 2 or img.GetDimension() != 3 or not all(reader.HasMetaDataKey(i, k) for i in range(n) for k in keys):
-        return img
+    geometry = None
+    if n >= 2 and img.GetDimension() == 3 and all(reader.HasMetaDataKey(i, k) for i in range(n) for k in keys):
+        try:
+            ipp = np.array([[float(v) for v in reader.GetMetaData(i, keys[0]).split("\\")] for i in range(n)])
+            iop = np.array([float(v) for v in reader.GetMetaData(0, keys[1]).split("\\")])
+            tag = float(reader.GetMetaData(0, "0018|0088")) if reader.HasMetaDataKey(0, "0018|0088") else None
+            geometry = (ipp, iop, tag)
+        except ValueError:
+            geometry = None
+    out = img if geometry is None else _even_slices(img, *geometry, files, folder)
+    for key in reader.GetMetaDataKeys(0):
+        if key in _DICOM_TAGS:
+            out.SetMetaData(key, reader.GetMetaData(0, key))
+    return out
+
+
+def _read_multiframe(path: str, folder: Path, max_bytes: int | None) -> sitk.Image:
+    """An enhanced (or legacy converted enhanced) multi-frame CT image, decoded by pydicom: frames in HU
+    (per-frame or shared rescale), positions and orientation from the functional groups."""
+    import pydicom
+
+    from monai_ext.io.dicom_select import _shared_or_frame
+
     try:
-        ipp = np.array([[float(v) for v in reader.GetMetaData(i, keys[0]).split("\\")] for i in range(n)])
-        iop = np.array([float(v) for v in reader.GetMetaData(0, keys[1]).split("\\")])
-    except ValueError:
+        ds = pydicom.dcmread(path)
+        frames = int(ds.NumberOfFrames)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        check_declared_size(folder, (cols, rows, frames), int(ds.BitsAllocated) // 8, f"int{ds.BitsAllocated}",
+                            max_bytes)
+        iop = np.array(_shared_or_frame(ds, "PlaneOrientationSequence", "ImageOrientationPatient"), dtype=np.float64)
+        spacing = [float(v) for v in _shared_or_frame(ds, "PixelMeasuresSequence", "PixelSpacing")]
+        ipp = np.array([[float(v) for v in _shared_or_frame(ds, "PlanePositionSequence", "ImagePositionPatient", i)]
+                        for i in range(frames)])
+        arr = ds.pixel_array.reshape(frames, rows, cols).astype(np.float32)
+        for i in range(frames):
+            slope = _shared_or_frame(ds, "PixelValueTransformationSequence", "RescaleSlope", i)
+            intercept = _shared_or_frame(ds, "PixelValueTransformationSequence", "RescaleIntercept", i)
+            arr[i] = arr[i] * float(1.0 if slope is None else slope) + float(0.0 if intercept is None else intercept)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError, OSError) as exc:
+        raise CorruptImageError(f"cannot read the multi-frame CT image {Path(path).name} ({type(exc).__name__}: "
+                                f"{str(exc)[:150]})", folder) from None
+    if np.all(np.round(arr) == arr) and arr.min() >= -32768 and arr.max() <= 32767:
+        arr = arr.astype(np.int16)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((spacing[1], spacing[0], 1.0))
+    names = [f"{Path(path).name}#frame{i + 1}" for i in range(frames)]
+    out = _even_slices(img, ipp, iop, None, names, folder)
+    if out is img:  # a single position step of 1 mm was a guess: set the grid from the frames
+        normal = np.cross(iop[:3], iop[3:])
+        pos = ipp @ normal
+        order = np.argsort(pos)
+        out = sitk.GetImageFromArray(arr[order])
+        out.SetSpacing((spacing[1], spacing[0], float(np.median(np.diff(pos[order]))) if frames > 1 else 1.0))
+        out.SetOrigin(tuple(float(v) for v in ipp[order[0]]))
+        out.SetDirection(tuple(float(v) for v in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
+    for tag, key in (("0008|0060", "Modality"), ("0020|000e", "SeriesInstanceUID"),
+                     ("0008|103e", "SeriesDescription"), ("0008|0070", "Manufacturer")):
+        if key in ds:
+            out.SetMetaData(tag, str(ds.get(key)))
+    return out
+
+
+#: a gantry tilt below this (degrees) is a rounding of the positions, not a tilt
+MIN_TILT_DEG = 0.5
+
+
+def _even_slices(img: sitk.Image, ipp: np.ndarray, iop: np.ndarray, spacing_tag: float | None,
+                 files: Sequence[str], folder: Path) -> sitk.Image:
+    """The slices on an even grid perpendicular to them (:func:`regularize_slices`), a gantry tilt
+    corrected, with the warnings under :data:`WARNINGS_KEY`.
+
+    Args:
+        img: the stacked slices (in the order of ``ipp``).
+        ipp: Image Position (Patient) of each slice, (N, 3).
+        iop: Image Orientation (Patient), (6,).
+        spacing_tag: Spacing Between Slices, if given.
+        files: the file (or frame) of each slice, for messages.
+        folder: the series folder, named in messages.
+    """
+    n = len(files)
+    if ipp.shape != (n, 3) or iop.shape != (6,) or n < 2:
         return img
-    if ipp.shape != (n, 3) or iop.shape != (6,):
-        return img
-    normal = np.cross(iop[:3], iop[3:])
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
     pos = ipp @ normal
     report = InputReport(path=str(folder))
-    if reader.HasMetaDataKey(0, "0018|0088"):
-        try:
-            message = spacing_tag_warning(float(reader.GetMetaData(0, "0018|0088")), pos)
-        except ValueError:
-            message = None
+    if spacing_tag:
+        message = spacing_tag_warning(spacing_tag, pos)
         if message:
             report.warn(message)
     n_header, out = len(report.warnings), img
-    if not slices_even(pos):  # the usual case is even: GDCM's order and spacing are right, no copy of the pixels
-        stack, _, step = regularize_slices(sitk.GetArrayFromImage(img), pos, report, list(files), folder)
+    offsets = (ipp - ipp[int(np.argmin(pos))]) - np.outer(pos - pos.min(), normal)  # in-plane shift of each slice
+    stack = None
+    if np.abs(offsets).max() > 0.05 * min(img.GetSpacing()[:2]):
+        stack = _untilt(sitk.GetArrayFromImage(img), offsets @ row, offsets @ col, img.GetSpacing(), pos, folder,
+                        report)
+    if stack is not None or not slices_even(pos):  # the usual case is even: no copy of the pixels
+        arr = sitk.GetArrayFromImage(img) if stack is None else stack
+        stack, _, step = regularize_slices(arr, pos, report, list(files), folder)
         if len(report.warnings) > n_header:  # repaired
             out = sitk.GetImageFromArray(stack)
             spacing = img.GetSpacing()
             out.SetSpacing((spacing[0], spacing[1], step))
             out.SetOrigin(tuple(float(v) for v in ipp[int(np.argmin(pos))]))
-            out.SetDirection(tuple(float(v) for v in np.stack([iop[:3], iop[3:], normal], axis=1).ravel()))
+            out.SetDirection(tuple(float(v) for v in np.stack([row, col, normal], axis=1).ravel()))
     if report.warnings:
         out.SetMetaData(WARNINGS_KEY, "\n".join(report.warnings))
     return out
+
+
+def _untilt(arr: np.ndarray, along_row: np.ndarray, along_col: np.ndarray, spacing: Sequence[float],
+            pos: np.ndarray, folder: Path, report: InputReport) -> np.ndarray:
+    """Shift each slice in its plane so that the stack lies perpendicular to the slices (gantry tilt).
+
+    Slice ``k``'s pixel ``(i, j)`` lies at its position plus the in-plane shift of its position from the
+    first slice's; sampling it at ``(i - shift_x, j - shift_y)`` puts every slice on the first slice's
+    in-plane grid. Pixels shifted in from outside the field of view take the slice's lowest value (air
+    or padding).
+
+    Raises:
+        DamagedImageError: a tilt of more than 30 degrees (not a gantry tilt).
+    """
+    from scipy import ndimage
+
+    dz = float(np.ptp(pos))
+    shift = float(np.hypot(np.ptp(along_row), np.ptp(along_col)))
+    angle = math.degrees(math.atan2(shift, dz)) if dz > 0 else 90.0
+    if angle < MIN_TILT_DEG:
+        return None  # type: ignore[return-value]
+    if angle > 30.0:
+        raise DamagedImageError(f"the slices are stacked {angle:.1f} degrees off their normal (a gantry tilt is at "
+                                "most 30 degrees): the series geometry cannot be trusted", folder)
+    out = np.empty(arr.shape, dtype=np.float32)
+    for k in range(arr.shape[0]):
+        sl = arr[k].astype(np.float32)
+        out[k] = ndimage.shift(sl, (along_col[k] / spacing[1], along_row[k] / spacing[0]), order=1, mode="constant",
+                               cval=float(sl.min()))
+    report.warn(f"gantry tilt of {angle:.1f} degrees: the slices were shifted in their plane by up to {shift:.0f} mm "
+                "onto a grid perpendicular to them (linear interpolation)")
+    return np.round(out).astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else out.astype(arr.dtype)
 
 
 def _check_gzip(path: Path, chunk: int = 1 << 22) -> None:

@@ -153,7 +153,8 @@ def test_folder_with_two_series_picks_largest_or_asked(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="monai_ext.io"):
         ct = load_ct(tmp_path / "mixed", orientation=None)
     assert ct.shape[-1] == 12 and ct.meta["SeriesInstanceUID"] == "1.2.3.4.100"
-    assert "2 DICOM series" in caplog.text and "1.2.3.4.100" in caplog.text
+    assert "2 CT series in the folder: read series ? (1.2.3.4.100)" in caplog.text
+    assert "(1.2.3.4.200): 5 slice position(s), fewer than 10" in caplog.text
     ct = load_ct(tmp_path / "mixed", series_uid="1.2.3.4.200", orientation=None)
     np.testing.assert_array_equal(ct[0].numpy().astype(np.int16), small)
     with pytest.raises(NoDicomSeriesError, match="no series '9.9'"):
