@@ -14,7 +14,8 @@ series (the rule and the series left out are logged), grades it as ``ctseverity 
 read from disk, and with ``--store`` sends the SEG, SR and overview capture back: Orthanc then holds them under
 the study, the SR with the same grade. No output but the DICOM ones, and no console line, holds the patient's
 identifiers or the password. A rerun with the credentials in a netrc file and the study found by a QIDO date
-query resumes: nothing graded or stored twice. Bad credentials, credentials in the URL and a study without a
+query resumes: nothing graded or stored twice. With ``--keep-identifiers`` the log and results.csv name the
+patient. Bad credentials, credentials in the URL and a study without a
 usable series are refused in one line. The series rule and the privacy helpers are tested on their own too.
 """
 
@@ -272,6 +273,19 @@ def test_rerun_from_a_date_query_with_netrc_credentials_resumes(orthanc, pacs_st
     assert [r["study"] for r in rows] == [pacs_study["study"]] and "patient_id" not in rows[0]
 
 
+def test_keep_identifiers_in_a_pacs_run_names_the_patient(orthanc, pacs_study, tmp_path):
+    ids = pacs_study["identifiers"]
+    proc = _ctseverity(["run", orthanc.input, "--study", pacs_study["study"], "--out", str(tmp_path / "out"),
+                        "--method", "density", "--keep-identifiers"], orthanc.env(), tmp_path)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console
+    assert f"patient ID {ids['PatientID']}, name {ids['PatientName']}, born {ids['PatientBirthDate']}" in console
+    with open(tmp_path / "out" / "results.csv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert (row["study"], row["patient_id"]) == (pacs_study["study"], ids["PatientID"])
+    assert orthanc.password not in console
+
+
 def test_access_refused_and_credentials_in_the_url_are_one_line_errors(orthanc, pacs_study, tmp_path, monkeypatch,
                                                                        capsys):
     for key in (dicomweb.ENV_USER, dicomweb.ENV_PASSWORD, dicomweb.ENV_TOKEN):
@@ -301,7 +315,7 @@ def test_a_study_without_a_series_to_grade_fails_alone(orthanc, pacs_study, dico
     series, _ = dicom_crop_series
     study_uid = generate_uid()
     for ds in _series_copy(sorted(series.iterdir())[:1], "scout only", 1, StudyInstanceUID=study_uid,
-                           ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]):
+                           StudyDate="19990101", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]):
         orthanc.upload(ds)
     monkeypatch.setenv(dicomweb.ENV_USER, USER)
     monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.password)
