@@ -23,16 +23,17 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from monai_ext.errors import NoDicomSeriesError
 
 __all__ = ["SliceFile", "SeriesInfo", "scan_dicom_folder", "choose_series", "kernel_class", "RULE",
-           "MIN_SLICES", "THIN_MM", "MULTIFRAME_CT_CLASSES"]
+           "MIN_SLICES", "THIN_MM", "MULTIFRAME_CT_CLASSES", "scan_headers"]
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +176,44 @@ def scan_dicom_folder(folder: str | os.PathLike) -> tuple[dict[str, SeriesInfo],
     """
     import pydicom
 
+    unreadable: list[tuple[str, str]] = []
+
+    def headers():
+        for entry in sorted(Path(folder).iterdir()):
+            if not entry.is_file() or entry.name.startswith("."):
+                continue
+            try:
+                ds = pydicom.dcmread(entry, defer_size=1024)  # pixel data stays on disk
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is not a slice
+                unreadable.append((str(entry), f"not readable as DICOM ({type(exc).__name__})"))
+                continue
+            yield str(entry), ds
+
+    series, ignored = scan_headers(headers())
+    for f, why in unreadable:
+        log.debug("%s: left out (%s)", f, why)
+    return series, unreadable + ignored
+
+
+def scan_headers(headers: Iterable[tuple[str, Any]]) -> tuple[dict[str, SeriesInfo], list[tuple[str, str]]]:
+    """The CT series of DICOM headers, and the headers left out with the reason: :func:`scan_dicom_folder` for
+    headers from anywhere (files, or a DICOMweb server's metadata, where a ``PixelData`` element of any value
+    stands for the pixel data).
+
+    Args:
+        headers: ``(name, pydicom dataset)`` pairs; the name (a file path) goes into :class:`SliceFile`.
+
+    Returns:
+        ``(series by UID, [(name, reason), ...])``.
+    """
+    import pydicom
+
     series: dict[str, SeriesInfo] = {}
     ignored: list[tuple[str, str]] = []
-    for entry in sorted(Path(folder).iterdir()):
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(entry, defer_size=1024)  # pixel data stays on disk
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is not a slice
-            ignored.append((str(entry), f"not readable as DICOM ({type(exc).__name__})"))
-            continue
+    for name, ds in headers:
         why = _why_not_an_image(ds)
         if why:
-            ignored.append((str(entry), why))
+            ignored.append((name, why))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "no-series-uid")
         info = series.get(uid)
@@ -219,7 +245,7 @@ def scan_dicom_folder(folder: str | os.PathLike) -> tuple[dict[str, SeriesInfo],
         else:
             position, orientation = _floats(ds.get("ImagePositionPatient")), _floats(ds.get("ImageOrientationPatient"))
         size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
-        info.files.append(SliceFile(str(entry), position, orientation, size, multiframe, frames, frame_positions))
+        info.files.append(SliceFile(name, position, orientation, size, multiframe, frames, frame_positions))
     for f, why in ignored:
         log.debug("%s: left out (%s)", f, why)
     for info in series.values():
@@ -269,14 +295,15 @@ def _axial(iop: Sequence[float]) -> bool:
     return norm > 0 and abs(normal[2]) / norm >= math.cos(math.radians(MAX_AXIAL_DEG))
 
 
-def choose_series(series: dict[str, SeriesInfo], folder: str | os.PathLike, series_uid: str | None = None
-                  ) -> tuple[SeriesInfo, str]:
+def choose_series(series: dict[str, SeriesInfo], folder: str | os.PathLike, series_uid: str | None = None,
+                  where: str = "the folder") -> tuple[SeriesInfo, str]:
     """The series to read and, when the folder holds several, why (one line naming each one left out).
 
     Args:
         series: from :func:`scan_dicom_folder`.
         folder: the folder, named in errors.
         series_uid: read this series (``--series``) instead of the rule's choice.
+        where: where the series are, in the message (``"the study"`` for a study on a server).
 
     Raises:
         NoDicomSeriesError: no series, the asked series is not there or cannot be read, or no series is
@@ -326,5 +353,5 @@ def choose_series(series: dict[str, SeriesInfo], folder: str | os.PathLike, seri
                         "thicker slices" if a[2] != b[2] else "fewer slices" if a[3] != b[3] else
                         "a higher series number")
         others.append(f"{s.label()}: {s.reason}")
-    return chosen, (f"{len(series)} CT series in the folder: read {chosen.label()} ({chosen.summary()}) by the rule "
+    return chosen, (f"{len(series)} CT series in {where}: read {chosen.label()} ({chosen.summary()}) by the rule "
                     f"(thin slices, lung kernel, most slices), left out {' | '.join(others)}")

@@ -1,7 +1,7 @@
 """DICOM outputs of a study: a DICOM Segmentation (lung and lesion segments), a TID 1500 measurement report
 (Comprehensive 3D SR), written with highdicom and referring to the source series slice by slice, and the
 overview figure as a Secondary Capture. PACS access over DICOMweb (:mod:`~pipelines.dicom.dicomweb`,
-:mod:`~pipelines.dicom.pacs`): studies pulled, the series to grade chosen (:mod:`~pipelines.dicom.selection`),
+:mod:`~pipelines.dicom.pacs`): studies pulled, the series to grade chosen as in a DICOM folder,
 results pushed back; patient identifiers kept out of the other outputs (:mod:`~pipelines.dicom.privacy`).
 
 See ``docs/dicom_outputs.md`` and ``docs/pacs.md``.
@@ -17,24 +17,20 @@ from pipelines.dicom.outputs import (
     study_dicom_outputs,
     write_dicom_outputs,
 )
-from pipelines.dicom.pacs import pull_study, run_pacs, store_study
+from pipelines.dicom.pacs import choose_study_series, pull_study, run_pacs, store_study
 from pipelines.dicom.privacy import RedactIdentifiers, identifier_strings, patient_identifiers, redacting
 from pipelines.dicom.sc import overview_capture
 from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT, lesion_description, lung_lesion_segmentation
-from pipelines.dicom.selection import RULE, SeriesCandidate, choose_series, describe_series
 from pipelines.dicom.source import MANUFACTURER, ct_series_from_grid, frames, source_headers, write_series
 from pipelines.dicom.sr import algorithm_parameters, measurement_report
 
 __all__ = [
     "DICOM_DIR",
     "DicomwebError",
-    "RULE",
     "RedactIdentifiers",
-    "SeriesCandidate",
-    "choose_series",
+    "choose_study_series",
     "connect",
     "credentials",
-    "describe_series",
     "identifier_strings",
     "is_dicomweb_url",
     "patient_identifiers",

@@ -45,9 +45,12 @@ ENV_TOKEN = "CTSEVERITY_DICOMWEB_TOKEN"
 #: seconds to wait for the server to connect and to answer
 TIMEOUT = (10, 300)
 
-#: the header attributes the series choice needs (:mod:`pipelines.dicom.selection`)
+#: the header attributes the series choice needs (:func:`monai_ext.io.dicom_select.scan_headers`): type, SOP
+#: class and instance, modality, description, patient, series, kernel, thickness, position, orientation, size,
+#: frames and the functional groups of multi-frame images
 _HEADER_TAGS = ("00080008", "00080016", "00080018", "00080060", "0008103E", "00100010", "00100020", "00100030",
-                "0020000E", "00200011", "00180050", "00200032", "00200037", "00280010", "00280011")
+                "0020000E", "00200011", "00181210", "00180050", "00200032", "00200037", "00280008", "00280010",
+                "00280011", "52009229", "52009230")
 
 
 class DicomwebError(CTSeverityError):
@@ -246,10 +249,15 @@ def find_studies(client, modality: str | None = "CT", study_date: str | None = N
 
 
 def _dataset(item: dict) -> Dataset:
-    """A header of WADO-RS metadata (DICOM JSON), without bulk data, with the attributes the choice needs."""
+    """A header of WADO-RS metadata (DICOM JSON) with the attributes the series choice needs; an empty Pixel
+    Data element stands for the pixel data of an image (metadata lists its Pixel Data, or at least its Rows:
+    servers such as Orthanc leave Pixel Data out of the metadata)."""
     kept = {tag: v for tag, v in item.items() if tag in _HEADER_TAGS and "BulkDataURI" not in v
             and "InlineBinary" not in v}
-    return Dataset.from_json(kept)
+    ds = Dataset.from_json(kept)
+    if "7FE00010" in item or "00280010" in item:
+        ds.PixelData = b""
+    return ds
 
 
 def series_headers(client, study_uid: str, modality: str | None = "CT") -> dict[str, list[Dataset]]:

@@ -3,8 +3,8 @@
 ``ctseverity run dicomweb+http://host:8042/dicom-web --study UID --out DIR --store``:
 
 1. the studies: the ``--study`` UIDs, and/or those a QIDO-RS query finds (``--study-date``, ``--modality``);
-2. per study, the series headers (WADO-RS metadata) and the series to grade chosen by
-   :data:`pipelines.dicom.selection.RULE` (each series left out is logged with its reason);
+2. per study, the series headers (WADO-RS metadata) and the series to grade chosen by the rule a DICOM folder's
+   series is chosen by (:data:`monai_ext.io.dicom_select.RULE`; each series left out is logged with its reason);
 3. that series retrieved (WADO-RS) into ``DIR/pacs/<StudyInstanceUID>/`` (kept, so that a rerun resumes
    without retrieving it again);
 4. the usual batch (:func:`pipelines.batch.run_batch`) over those folders: ``DIR/<StudyInstanceUID>/`` with the
@@ -32,12 +32,12 @@ from tqdm.auto import tqdm
 
 from monai_ext.errors import CTSeverityError
 from monai_ext.io import atomic_write_text
+from monai_ext.io.dicom_select import RULE, THIN_MM, SeriesInfo, choose_series, scan_headers
 from pipelines.dicom import dicomweb
 from pipelines.dicom.privacy import identifier_strings, patient_identifiers, redacting
-from pipelines.dicom.selection import RULE, THIN_MM, SeriesCandidate, choose_series, describe_series
 
-__all__ = ["PACS_DIR", "RECORD", "STORED_OUTPUTS", "PacsStudy", "pull_study", "store_study", "run_pacs",
-           "check_uid"]
+__all__ = ["PACS_DIR", "RECORD", "STORED_OUTPUTS", "PacsStudy", "choose_study_series", "pull_study", "store_study",
+           "run_pacs", "check_uid"]
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,47 @@ class PacsStudy:
 
     uid: str
     folder: Path | None = None
-    series: SeriesCandidate | None = None
+    series: SeriesInfo | None = None
     error: str = ""
     stored: list[str] = field(default_factory=list)
 
 
 def _files_of(folder: Path) -> set[str]:
     return {p.name[: -len(".dcm")] for p in folder.glob("*.dcm")} if folder.is_dir() else set()
+
+
+def choose_study_series(headers: dict[str, list[pydicom.Dataset]], uid: str) -> tuple[SeriesInfo, str, list[str]]:
+    """The series of a study to grade, by the rule a DICOM folder's series is chosen by
+    (:func:`monai_ext.io.dicom_select.choose_series`), from the headers of its series.
+
+    Args:
+        headers: Series Instance UID -> one header per instance (:func:`pipelines.dicom.dicomweb.series_headers`).
+        uid: the Study Instance UID, for messages.
+
+    Returns:
+        The series chosen, the rule's message (which series was read, why each other was not; ``""`` when the
+        study has one CT image series), and one line per series whose instances were left out before the choice
+        (localizers, dose reports, non-images) with the reason.
+
+    Raises:
+        CTSeverityError: no series fit (each one's reason given).
+    """
+    named = [(f"{s}/{ds.get('SOPInstanceUID', k)}", ds) for s, dss in headers.items() for k, ds in enumerate(dss)]
+    series, ignored = scan_headers(named)
+    reasons: dict[str, set[str]] = {}
+    for name, why in ignored:
+        reasons.setdefault(name.split("/")[0], set()).add(why)
+    left_out = []
+    for s, whys in reasons.items():
+        first = headers[s][0]
+        number = first.get("SeriesNumber")
+        label = SeriesInfo(uid=s, number=None if number in (None, "") else int(number),
+                           description=str(first.get("SeriesDescription", "") or "")).label()
+        left_out.append(f"{label}: {', '.join(sorted(whys))}")
+    if not series:
+        raise CTSeverityError(f"no CT image series ({', '.join(left_out) or 'no instances'})", f"study {uid}")
+    chosen, message = choose_series(series, f"study {uid}", where="the study")
+    return chosen, message, left_out
 
 
 def pull_study(client, uid: str, downloads: str | os.PathLike, out_dir: str | os.PathLike, redact=None,
@@ -116,12 +150,10 @@ def pull_study(client, uid: str, downloads: str | os.PathLike, out_dir: str | os
             redact.add(identifier_strings(ids))
         if keep_identifiers:
             log.info("study %s: patient ID %s, name %s, born %s", uid, ids["id"], ids["name"], ids["birth_date"])
-    candidates = [describe_series(s, h) for s, h in headers.items()]
-    chosen, others = choose_series(candidates)
-    for c in others:
-        log.info("study %s: left out %s: %s", uid, c.label(), c.reason)
-    log.info("study %s: chose %s: %d slices of %.3g mm over %.0f mm (rule: %s)", uid, chosen.label(), chosen.n_images,
-             chosen.thickness_mm, chosen.extent_mm, RULE)
+    chosen, message, left_out = choose_study_series(headers, uid)
+    for line in left_out:
+        log.info("study %s: left out %s", uid, line)
+    log.info("study %s: %s (rule: %s)", uid, message or f"one CT series: {chosen.label()} ({chosen.summary()})", RULE)
     if chosen.thickness_mm > THIN_MM:
         log.warning("study %s: the thinnest series fit for grading has %.3g mm slices (thicker than %g mm: "
                     "ground glass is blurred)", uid, chosen.thickness_mm, THIN_MM)
@@ -135,7 +167,7 @@ def pull_study(client, uid: str, downloads: str | os.PathLike, out_dir: str | os
         return study
     part = root / f".{uid}.part"
     shutil.rmtree(part, ignore_errors=True)
-    with tqdm(total=chosen.n_images, desc=f"retrieving {uid}", unit="image", disable=not progress) as bar:
+    with tqdm(total=len(headers[chosen.uid]), desc=f"retrieving {uid}", unit="image", disable=not progress) as bar:
         dicomweb.retrieve_series(client, uid, chosen.uid, part, progress=bar.update)
     got = _files_of(part)
     if expected and got != expected:
@@ -284,7 +316,7 @@ def _write_record(path: Path, record: dict, root: str, studies: Sequence[PacsStu
             entry.pop("stored", None)
         entry.update(server=root, status=status.get(st.uid, "not retrieved"), error=st.error or None)
         if st.series is not None:
-            entry.update(series=st.series.uid, series_number=st.series.number, slices=st.series.n_images,
+            entry.update(series=st.series.uid, series_number=st.series.number, slices=st.series.n_slices,
                          slice_thickness_mm=st.series.thickness_mm, folder=f"{PACS_DIR}/{st.uid}")
         if st.stored:
             entry["stored"] = list(st.stored)

@@ -16,7 +16,8 @@ the study, the SR with the same grade. No output but the DICOM ones, and no cons
 identifiers or the password. A rerun with the credentials in a netrc file and the study found by a QIDO date
 query resumes: nothing graded or stored twice. With ``--keep-identifiers`` the log and results.csv name the
 patient. Bad credentials, credentials in the URL and a study without a
-usable series are refused in one line. The series rule and the privacy helpers are tested on their own too.
+usable series are refused in one line. The series choice (the rule a DICOM folder's series is chosen by, here
+from headers) and the privacy helpers are tested on their own too.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from pydicom.uid import generate_uid
 from monai_ext.errors import CTSeverityError
 from pipelines.cli import main
 from pipelines.dicom import dicomweb
+from pipelines.dicom.pacs import choose_study_series
 from pipelines.dicom.privacy import RedactIdentifiers, identifier_strings, patient_identifiers
-from pipelines.dicom.selection import choose_series, describe_series
 
 USER = "ctsev-test"
 LOOPBACK = "127.0.0.1"
@@ -236,10 +237,11 @@ def test_pull_grade_push_finds_seg_and_sr_in_orthanc_with_the_grade_of_the_disk_
 
 def test_the_series_rule_is_logged_with_each_series_left_out(pacs_study, graded):
     console = graded["console"]
-    assert f"chose series 2 'ROUTINE CHEST NON-CON' ({pacs_study['series']}): 24 slices of 1.25 mm" in console
-    assert "thinnest slices" in console  # the rule
-    assert "left out series 3 'thick 2.5 mm'" in console and "2.5 mm slices" in console
-    assert "left out series 1 'scout'" in console and "a localizer" in console
+    assert f"2 CT series in the study: read series 2 'ROUTINE CHEST NON-CON' ({pacs_study['series']}) (1.25 mm " \
+           "slices" in console
+    assert "then the thinnest slices" in console  # the rule
+    assert "left out series 3 'thick 2.5 mm'" in console and "thicker slices" in console
+    assert "left out series 1 'scout'" in console and "a localizer (scout)" in console
 
 
 def test_no_identifier_or_password_outside_the_dicom_files(orthanc, pacs_study, graded, find_identifiers):
@@ -321,7 +323,7 @@ def test_a_study_without_a_series_to_grade_fails_alone(orthanc, pacs_study, dico
     monkeypatch.setenv(dicomweb.ENV_PASSWORD, orthanc.password)
     assert main(["-q", "run", orthanc.input, "--study", study_uid, "--out", str(tmp_path / "out"), "--store"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no study could be retrieved" in err and f"{study_uid}: no series fit" in err and "a localizer" in err
+    assert "no study could be retrieved" in err and f"{study_uid}: no CT image series" in err and "a localizer" in err
     assert len(err.splitlines()) == 1, err
     assert [s["Modality"] for s in orthanc.series_of(study_uid)] == ["CT"]
 
@@ -329,40 +331,45 @@ def test_a_study_without_a_series_to_grade_fails_alone(orthanc, pacs_study, dico
 # --- the series rule and the privacy helpers on their own --------------------------------------------------
 
 
-def _headers(files: list[Path], **tags) -> list[pydicom.Dataset]:
+def _headers(files: list[Path], uid: str, **tags) -> list[pydicom.Dataset]:
+    """Headers of ``files`` as series ``uid``, as WADO-RS metadata gives them (an empty Pixel Data element)."""
     out = []
+    tags.setdefault("SeriesDescription", "")
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
+        ds.SeriesInstanceUID, ds.PixelData = uid, b""
         for key, value in tags.items():
             setattr(ds, key, value)
         out.append(ds)
     return out
 
 
-def test_series_rule_prefers_thin_axial_covering_series(dicom_crop_series):
+def test_the_series_of_a_study_is_chosen_by_the_folder_rule_from_headers(dicom_crop_series):
     series, _ = dicom_crop_series
     files = sorted(series.iterdir())
-    thin = describe_series("thin", _headers(files))
-    assert (thin.reason, thin.n_images, thin.thickness_mm) == ("", 24, 1.25)
-    assert thin.extent_mm == pytest.approx(30.0, abs=0.01)
-    thick = describe_series("thick", _headers(files[::2], SliceThickness="2.5", SeriesNumber=3))
-    part = describe_series("part", _headers(files[:12], SliceThickness="0.6"))  # thinner, but 15 of 30 mm
-    derived = describe_series("derived", _headers(files, ImageType=["DERIVED", "SECONDARY", "AXIAL"],
-                                                  SeriesNumber=1))
-    coronal = describe_series("coronal", _headers(files, ImageOrientationPatient=[1, 0, 0, 0, 0, -1]))
-    scout = describe_series("scout", _headers(files[:1], ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]))
-    few = describe_series("few", _headers(files[:6]))
-    report = describe_series("sr", _headers(files[:1], Modality="SR"))
-    assert coronal.reason == "not axial" and scout.reason == "a localizer (scout)"
-    assert report.reason == "modality SR, not CT"
-    assert few.reason == "6 slice position(s), fewer than 10"
-    chosen, others = choose_series([scout, thick, part, derived, coronal, thin, few, report])
-    assert chosen is thin  # ORIGINAL wins the tie with the DERIVED copy of the same slices
-    reasons = {c.uid: c.reason for c in others}
-    assert reasons["part"].startswith("covers 15 mm of the 30 mm")
-    assert reasons["thick"] == "2.5 mm slices" and reasons["derived"] == "a tie lost to the chosen series"
-    with pytest.raises(CTSeverityError, match="no series fit for lung grading.*a localizer"):
-        choose_series([describe_series("scout", _headers(files[:1], ImageType=["ORIGINAL", "LOCALIZER"]))])
+    headers = {
+        "1.1": _headers(files[:1], "1.1", SeriesNumber=1, SeriesDescription="scout",
+                        ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+        "1.2": _headers(files, "1.2", SeriesNumber=2),
+        "1.3": _headers(files[::2], "1.3", SeriesNumber=3, SliceThickness="2.5"),
+        "1.4": _headers(files[:12], "1.4", SeriesNumber=4, SliceThickness="0.6"),  # thinner, 15 of the 30 mm
+        "1.5": _headers(files, "1.5", SeriesNumber=5, ImageOrientationPatient=[1, 0, 0, 0, 0, -1]),
+        "1.6": _headers(files[:6], "1.6", SeriesNumber=6),
+        "1.7": _headers(files, "1.7", SeriesNumber=7),
+        "1.8": _headers(files[:1], "1.8", SeriesNumber=8, Modality="SR"),
+    }
+    chosen, message, left_out = choose_study_series(headers, "9.9")
+    assert chosen.uid == "1.2" and chosen.n_slices == 24 and chosen.thickness_mm == 1.25
+    assert message.startswith("6 CT series in the study: read series 2 (1.2) (1.25 mm slices")
+    for part in ("series 3 (1.3): thicker slices", "series 4 (1.4): covers 15 mm of the 30 mm",
+                 "series 5 (1.5): not axial", "series 6 (1.6): 6 slice position(s), fewer than 10",
+                 "series 7 (1.7): a higher series number"):
+        assert part in message, (part, message)
+    assert sorted(left_out) == ["series 1 'scout' (1.1): a localizer (scout)", "series 8 (1.8): modality SR, not CT"]
+    with pytest.raises(CTSeverityError, match=r"no CT image series \(series 1 'scout' \(1.1\): a localizer"):
+        choose_study_series({"1.1": headers["1.1"]}, "9.9")
+    with pytest.raises(CTSeverityError, match="no CT series fit for the lungs.*not axial"):
+        choose_study_series({"1.5": headers["1.5"]}, "9.9")
 
 
 def test_identifiers_are_read_and_redacted_from_log_lines(dicom_crop_series):
