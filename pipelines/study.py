@@ -223,9 +223,19 @@ def check_time(stage: str) -> None:
 
 def _versions() -> dict:
     import monai
+    import numpy
+    import scipy
+    import SimpleITK
 
     return {"ct-severity": __version__, "monai": monai.__version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "scipy": scipy.__version__, "SimpleITK": SimpleITK.Version.VersionString(),
             "python": platform.python_version()}
+
+
+def _settings(config: PipelineConfig) -> dict:
+    """The run's settings as given (``None``: the bundle's calibrated value, recorded beside them)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("trust_bundle",)}
+    return json.loads(json.dumps(settings, default=str))  # JSON values only (a dtype parameter as its name)
 
 
 def _attribute(model: LoadedModel, config: PipelineConfig, images: torch.Tensor, probs: torch.Tensor,
@@ -395,6 +405,8 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
         "shape": [int(s) for s in ev.ct.meta["spatial_shape"]],
         "timings_s": {k: round(v, 3) for k, v in t.items()},
         "versions": _versions(),
+        "seed": config.seed,
+        "settings": _settings(config),
         "fingerprint": config.fingerprint(model.run_key if model is not None else ""),
         "outputs": outputs,
     }
