@@ -313,7 +313,8 @@ def test_access_refused_and_credentials_in_the_url_are_one_line_errors(orthanc, 
 
 def test_a_study_without_a_series_to_grade_fails_alone(orthanc, pacs_study, dicom_crop_series, tmp_path,
                                                        monkeypatch, capsys):
-    """A study holding only a localizer: reported with the reason, exit code 1, nothing graded or stored."""
+    """A study holding only a localizer: refused in one line with the reason (exit code 2: no study to grade),
+    nothing stored into it."""
     series, _ = dicom_crop_series
     study_uid = generate_uid()
     for ds in _series_copy(sorted(series.iterdir())[:1], "scout only", 1, StudyInstanceUID=study_uid,
