@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_ext.errors import DamagedImageError, InputTooLargeError
+from monai_ext.errors import CorruptImageError, DamagedImageError, InputTooLargeError
 
 __all__ = [
     "InputReport",
@@ -273,15 +273,30 @@ def nifti_header_guard(path: str | os.PathLike, max_bytes: int | None) -> None:
                         file_bytes=content, exact=exact)
 
 
+def _nib_load(path: str | os.PathLike):
+    """The NIfTI image as nibabel reads it; a header nibabel cannot read (a damaged magic string, sizes)
+    is refused, since the two readers would not agree on the file.
+
+    Raises:
+        CorruptImageError: nibabel cannot read the header.
+    """
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for damaged headers
+        detail = (str(exc).splitlines() or [""])[0].replace(str(path), "the file")[:120]
+        raise CorruptImageError(f"damaged NIfTI header: nibabel cannot read it ({type(exc).__name__}: {detail})",
+                                path) from None
+
+
 def nifti_nonfinite_mask(path: str | os.PathLike) -> np.ndarray | None:
     """Where a floating-point NIfTI file holds NaN or infinite voxels, in voxel index order (i, j, k).
 
     SimpleITK's NIfTI reader turns NaN and infinite voxels into 0 (soft tissue in HU) without a
     word, so they are found in the file itself. ``None`` for integer data or when none is there.
     """
-    import nibabel as nib
-
-    img = nib.load(str(path))
+    img = _nib_load(path)
     if img.get_data_dtype().kind not in "fc":
         return None
     raw = np.asanyarray(img.dataobj.get_unscaled())
@@ -299,9 +314,7 @@ def nifti_form_warnings(path: str | os.PathLike, spacing: Sequence[float]) -> li
     sform), so the voxel size, and with it every volume, depends on the reader; ``spacing`` (what was
     read) names the one used.
     """
-    import nibabel as nib
-
-    hdr = nib.load(str(path)).header
+    hdr = _nib_load(path).header
     q, s = hdr.get_qform(coded=True)[0], hdr.get_sform(coded=True)[0]
     if q is None or s is None or np.allclose(q, s, atol=1e-3):
         return []

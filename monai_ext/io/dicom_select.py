@@ -130,10 +130,12 @@ class SeriesInfo:
 
 
 def _floats(value: object) -> tuple[float, ...] | None:
+    """The finite numbers of a multi-valued element; ``None`` when absent or any is not a finite number."""
     try:
-        return tuple(float(v) for v in value) if value is not None else None  # type: ignore[union-attr]
+        out = tuple(float(v) for v in value) if value is not None else None  # type: ignore[union-attr]
     except (TypeError, ValueError):
         return None
+    return out if out is not None and all(math.isfinite(v) for v in out) else None
 
 
 def _why_not_an_image(ds) -> str:

@@ -175,10 +175,15 @@ def _read_series(folder: Path, series_uid: str | None, max_bytes: int | None = N
     if why:
         previous = img.GetMetaData(WARNINGS_KEY) if img.HasMetaDataKey(WARNINGS_KEY) else ""
         img.SetMetaData(WARNINGS_KEY, "\n".join(filter(None, [why, previous])))
-    img.SetMetaData("ctseverity|series_uid", uid)
+    img.SetMetaData("ctseverity|series_uid", _text(uid))
     img.SetMetaData("ctseverity|n_series", str(len(series)))
     img.SetMetaData("ctseverity|n_files", str(len(files)))
     return img
+
+
+def _text(value: object) -> str:
+    """A header value as metadata text (undecodable bytes of a damaged header replaced)."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
 
 
 def _read_slices(files: list[str], uid: str, folder: Path, max_bytes: int | None) -> sitk.Image:
@@ -216,7 +221,7 @@ def _read_slices(files: list[str], uid: str, folder: Path, max_bytes: int | None
     out = img if geometry is None else _even_slices(img, *geometry, files, folder)
     for key in reader.GetMetaDataKeys(0):
         if key in _DICOM_TAGS:
-            out.SetMetaData(key, reader.GetMetaData(0, key))
+            out.SetMetaData(key, _text(reader.GetMetaData(0, key)))
     return out
 
 
@@ -262,7 +267,7 @@ def _read_multiframe(path: str, folder: Path, max_bytes: int | None) -> sitk.Ima
     for tag, key in (("0008|0060", "Modality"), ("0020|000e", "SeriesInstanceUID"),
                      ("0008|103e", "SeriesDescription"), ("0008|0070", "Manufacturer")):
         if key in ds:
-            out.SetMetaData(tag, str(ds.get(key)))
+            out.SetMetaData(tag, _text(ds.get(key)))
     return out
 
 
