@@ -40,11 +40,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import traceback
@@ -55,7 +57,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from monai_ext.errors import CTSeverityError
-from monai_ext.io import atomic_write_text
+from monai_ext.io import atomic_write_text, is_disk_full
 from pipelines.bundle import LoadedModel, bundle_path, load_model
 from pipelines.discovery import Study, find_studies
 from pipelines.study import PipelineConfig, is_complete, process_study, study_time_limit
@@ -278,8 +280,16 @@ def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, 
     except CTSeverityError as exc:
         return _failure_row(study, config, time.perf_counter() - t0, _one_line(exc.reason))
     except Exception as exc:  # noqa: BLE001 - a study must not stop the batch
+        if is_disk_full(exc):  # no room for the outputs: none are kept, so none looks complete
+            shutil.rmtree(sdir, ignore_errors=True)
+            reason = (f"no room to write the outputs ({getattr(exc, 'strerror', None) or exc}: the disk is full or a "
+                      "file size limit or quota was reached); nothing of the study was kept")
+            log.error("%s: %s", study.study, reason)
+            return _failure_row(study, config, time.perf_counter() - t0, reason)
         sdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(sdir / "error.txt", f"study: {study.study}\ninput: {study.path}\n\n" + traceback.format_exc())
+        with contextlib.suppress(OSError):  # the traceback is a help, not a result
+            atomic_write_text(sdir / "error.txt", f"study: {study.study}\ninput: {study.path}\n\n"
+                              + traceback.format_exc())
         reason = _one_line(f"{type(exc).__name__}: {exc}")
         log.debug("%s failed: %s", study.study, reason)
         return _failure_row(study, config, time.perf_counter() - t0, reason)

@@ -92,6 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"ctseverity {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        from monai_ext.io import is_disk_full
+
+        if args.debug or not is_disk_full(exc):
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"ctseverity {args.command}: error: {where}no room to write ({exc.strerror or exc}: the disk is full or "
+              "a file size limit or quota was reached); the files being written were removed", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"ctseverity {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from monai_ext.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from monai_ext.io.atomic import atomic_path, atomic_write_bytes, atomic_write_text, is_disk_full
 from monai_ext.io.checks import InputReport, default_max_memory, lung_extent_warnings, parse_memory
 from monai_ext.io.ct import MIN_INPLANE, MIN_SLICES, load_ct, read_ct, validate_ct
 from monai_ext.io.dicom_select import SeriesInfo, choose_series, kernel_class, scan_dicom_folder
@@ -34,4 +34,5 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "atomic_write_bytes",
+    "is_disk_full",
 ]
