@@ -240,11 +240,21 @@ def find_studies(client, modality: str | None = "CT", study_date: str | None = N
         filters["StudyDate"] = check_study_date(study_date)
     found = _search_all(client, "study query (QIDO-RS)", client.search_for_studies, search_filters=filters,
                         fields=["StudyInstanceUID"])
+    from pipelines.dicom.pacs import check_uid
+
     uids = []
     for item in found:
         value = (item.get("0020000D") or {}).get("Value") or []
-        if value and value[0] not in uids:
-            uids.append(str(value[0]))
+        if not value:
+            continue
+        try:  # the UID names the study's folders: a server's '../x' or '/tmp/x' must not
+            uid = check_uid(str(value[0]))
+        except ValueError:
+            log.error("study query: the server answered %r, not a Study Instance UID (digits and dots): skipped",
+                      str(value[0])[:80])
+            continue
+        if uid not in uids:
+            uids.append(uid)
     return uids
 
 

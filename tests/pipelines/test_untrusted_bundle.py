@@ -243,3 +243,27 @@ def test_dicom_headers_and_folder_names_never_write_outside_out(tmp_path, dicom_
     assert study.name == "%2F" and is_safe_study_name(study.name)
     assert (study / "result.json").is_file() and (study / "dicom" / "seg.dcm").is_file()
     assert not Path("/tmp/ctsev_series_escape").exists()
+
+
+class _Server:
+    """A DICOMweb client whose study query answers what a hostile or broken server could."""
+
+    _ctseverity_root = "http://pacs.test/dicom-web"
+
+    def __init__(self, uids: list[str]) -> None:
+        self.uids = uids
+
+    def search_for_studies(self, search_filters=None, fields=None, limit=None, offset=0):
+        return [{"0020000D": {"vr": "UI", "Value": [u]}} for u in self.uids[offset:offset + limit]]
+
+
+def test_study_uids_from_a_server_query_never_name_a_path(caplog):
+    """A PACS run names each study's folders by its Study Instance UID: one from a query that is not a UID
+    is skipped with a logged reason."""
+    from pipelines.dicom.dicomweb import find_studies as query
+
+    answers = ["1.2.840.113619.2.55.3", "../../escaped", "/tmp/ctsev_abs_escape", "1.2.3/../..", "1.2.3\\x", "",
+               "1.2." + "9" * 80, "1.2.840.113619.2.55.3", "2.25.1"]
+    with caplog.at_level("ERROR", logger="pipelines.dicom.dicomweb"):
+        assert query(_Server(answers), study_date="20200301") == ["1.2.840.113619.2.55.3", "2.25.1"]
+    assert caplog.text.count("not a Study Instance UID") == 6 and "'../../escaped'" in caplog.text
