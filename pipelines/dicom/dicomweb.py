@@ -317,9 +317,16 @@ def retrieve_series(client, study_uid: str, series_uid: str, folder: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
 
+    from pipelines.dicom.pacs import check_uid
+
     def fetch() -> None:
         for ds in client.iter_series(study_uid, series_uid, media_types=(("application/dicom", "*"),)):
-            path = out / f"{ds.SOPInstanceUID}.dcm"
+            try:  # the UID names the file: a server's '../x' must not
+                name = check_uid(str(ds.get("SOPInstanceUID", "")))
+            except ValueError:
+                raise DicomwebError(f"series {series_uid}: the server sent an instance whose SOP Instance UID "
+                                    f"{str(ds.get('SOPInstanceUID', ''))[:80]!r} is not a DICOM UID") from None
+            path = out / f"{name}.dcm"
             tmp = out / f".{path.name}.part"
             ds.save_as(tmp, enforce_file_format=True)
             os.replace(tmp, path)

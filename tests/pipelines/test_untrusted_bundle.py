@@ -267,3 +267,27 @@ def test_study_uids_from_a_server_query_never_name_a_path(caplog):
     with caplog.at_level("ERROR", logger="pipelines.dicom.dicomweb"):
         assert query(_Server(answers), study_date="20200301") == ["1.2.840.113619.2.55.3", "2.25.1"]
     assert caplog.text.count("not a Study Instance UID") == 6 and "'../../escaped'" in caplog.text
+
+
+def test_instance_uids_from_a_server_never_name_a_path(tmp_path, dicom_crop_series):
+    """Retrieved instances are written as <SOPInstanceUID>.dcm: one whose UID is a path is refused, nothing is
+    written outside the series folder."""
+    from pipelines.dicom.dicomweb import DicomwebError, retrieve_series
+
+    src, _ = dicom_crop_series
+    good, bad = (pydicom.dcmread(f) for f in sorted(src.glob("*.dcm"))[:2])
+    bad.SOPInstanceUID = "../../escaped"
+
+    class Client(_Server):
+        def iter_series(self, study_uid, series_uid, media_types=None):
+            yield from self.instances
+
+    client = Client([])
+    folder = tmp_path / "pacs" / "1.2.3"
+    client.instances = [good]
+    assert retrieve_series(client, "1.2.3", "1.2.3.4", folder) == [folder / f"{good.SOPInstanceUID}.dcm"]
+    client.instances = [bad]
+    with pytest.raises(DicomwebError, match="SOP Instance UID '../../escaped' is not a DICOM UID"):
+        retrieve_series(client, "1.2.3", "1.2.3.4", folder)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()) == [
+        Path("pacs/1.2.3") / f"{good.SOPInstanceUID}.dcm"]
