@@ -29,7 +29,7 @@ from monai_ext.io import read_ct
 sys.path.insert(0, str(Path(__file__).parent))
 import dicom_corpus as dc  # noqa: E402
 
-EXAMPLES = 100
+EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=10_000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 BUDGET = 256 << 20  # bytes: a header declaring more is refused before reading
