@@ -19,7 +19,8 @@ __all__ = ["register", "run_inspect"]
 def run_inspect(args: argparse.Namespace) -> int:
     rows, warnings = [], []
     for st in find_studies(args.inputs):
-        ct, report = read_ct(st.path, orientation=None)  # raises a CTSeverityError naming the input
+        # raises a CTSeverityError naming the input
+        ct, report = read_ct(st.path, series_uid=args.series_uid, orientation=None)
         arr = ct[0].as_tensor().reshape(-1)
         sample = arr[:: max(1, arr.numel() // 1_000_000)].float()
         p1, p99 = torch.quantile(sample, torch.tensor([0.01, 0.99])).tolist()
@@ -51,4 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--lung", action="store_true", help="also segment the lungs and print their volume")
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
+    p.add_argument("--series", dest="series_uid", metavar="UID",
+                   help="the DICOM series to read in a folder holding several (default: the axial CT series fit for "
+                        "the lungs; the choice is printed as a warning)")
     p.set_defaults(func=run_inspect)

@@ -202,3 +202,12 @@ def test_run_series_option_grades_the_series_asked_for(corpus, tmp_path, capsys)
     capsys.readouterr()
     result = json.loads((out / "several_series" / "result.json").read_text())
     assert any("read series 2 'Body 1.25 mm'" in w and "as asked (--series)" in w for w in result["warnings"])
+
+
+def test_inspect_says_which_series_and_reads_the_one_asked_for(corpus, capsys):
+    folder = str(corpus["root"] / "several_series")
+    assert main(["inspect", folder]) == 0
+    out = capsys.readouterr().out
+    assert "128x128x47" in out and "warning: several_series: 4 CT series in the folder: read series 3" in out
+    assert main(["inspect", folder, "--series", corpus["soft_uid"]]) == 0
+    assert "read series 2 'Body 1.25 mm'" in capsys.readouterr().out
