@@ -290,7 +290,8 @@ def test_lost_slices_are_missing_slices(tmp_path, small_real_ct):
         load_ct(_nifti(run, affine, tmp_path / "run.nii.gz"))
     three = vol.copy()
     three[:, :, [10, 20, 30]] = 0
-    with pytest.raises(DamagedImageError, match=r"3 of 47 slices lost \(6.4 %: blank or no finite value\); at most 5 %"):
+    lost = r"3 of 47 slices lost \(6.4 %: blank or no finite value\); at most 5 %"
+    with pytest.raises(DamagedImageError, match=lost):
         load_ct(_nifti(three, affine, tmp_path / "three.nii.gz"))
     padded = vol.copy()
     padded[:, :, :3] = -1024  # blank slices at the ends are padding, not lost data
