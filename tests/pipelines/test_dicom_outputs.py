@@ -40,7 +40,8 @@ def _dciodvfy(path: Path) -> list[str]:
     exe = shutil.which("dciodvfy")
     if exe is None:
         pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)", pytrace=False)
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
     assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage", "SCImage") for ln in lines), lines
     return [ln for ln in lines if ln.startswith("Error")]
@@ -73,7 +74,7 @@ def dicom_run(dicom_crop_series, tmp_path_factory):
     capture = out.parent / "console.txt"
     exe = Path(sys.executable).parent / "ctseverity"  # a process of its own: its log lines are output too
     proc = subprocess.run([str(exe), "run", str(series), "--out", str(out), "--method", "hirescam", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     capture.write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     study = out / series.name

@@ -25,7 +25,8 @@ def _run(args: list[str], limit_bytes: int | None) -> subprocess.CompletedProces
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*CLI, *args], preexec_fn=preexec, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*CLI, *args], preexec_fn=preexec, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", env=env, timeout=300)
 
 
 def _files(out: Path) -> list[str]:

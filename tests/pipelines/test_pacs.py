@@ -64,7 +64,8 @@ def _dicomweb_plugin() -> str:
     if shutil.which("dpkg") is None or shutil.which("Orthanc") is None:
         pytest.fail("Orthanc not found: install the Debian packages orthanc and orthanc-dicomweb (.ci/run does)",
                     pytrace=False)
-    proc = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["dpkg", "-L", "orthanc-dicomweb"], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=30)
     plugins = [ln for ln in proc.stdout.splitlines() if "/plugins/" in ln and ln.endswith(".so")]
     if proc.returncode != 0 or not plugins:
         pytest.fail(f"the orthanc-dicomweb package is not installed ({proc.stderr.strip()})", pytrace=False)
@@ -181,7 +182,8 @@ def pacs_study(orthanc, dicom_crop_series) -> dict:
 
 def _ctseverity(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "ctseverity"  # a process of its own: its log lines are its output
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+    return subprocess.run([str(exe), *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=300, env=env, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
