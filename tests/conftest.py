@@ -8,6 +8,7 @@ under CI the data must be present.
 from __future__ import annotations
 
 import contextlib
+import locale
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+#: the character type locale at start (C.UTF-8 on CI): text files, pipes and logs are UTF-8
+_START_CTYPE = locale.setlocale(locale.LC_CTYPE)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Each test starts in the locale the session started in: a library that switches the C locale's character
+    type to ASCII in one test (seen on CI: 'ANSI_X3.4-1968' in later tests under LANG=C.UTF-8) made later tests'
+    text I/O without an explicit encoding fail on the progress bars' block characters."""
+    if locale.setlocale(locale.LC_CTYPE) != _START_CTYPE:
+        locale.setlocale(locale.LC_CTYPE, _START_CTYPE)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

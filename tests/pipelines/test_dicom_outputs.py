@@ -75,7 +75,7 @@ def dicom_run(dicom_crop_series, tmp_path_factory):
     exe = Path(sys.executable).parent / "ctseverity"  # a process of its own: its log lines are output too
     proc = subprocess.run([str(exe), "run", str(series), "--out", str(out), "--method", "hirescam", "--device", "cpu"],
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
-    capture.write_text(proc.stdout + proc.stderr)
+    capture.write_text(proc.stdout + proc.stderr, encoding="utf-8")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     study = out / series.name
     result = json.loads((study / "result.json").read_text())

@@ -197,7 +197,7 @@ def graded(orthanc, pacs_study, tmp_path_factory) -> dict:
     proc = _ctseverity(["--debug", "run", orthanc.input, "--study", pacs_study["study"], "--out", str(out),
                         "--method", "hirescam", "--device", "cpu", "--store"], orthanc.env(), work)
     console = proc.stdout + proc.stderr
-    (work / "console.txt").write_text(console)
+    (work / "console.txt").write_text(console, encoding="utf-8")
     assert proc.returncode == 0, console
     uid = pacs_study["study"]
     return {"out": out, "study_dir": out / uid, "console": console,
