@@ -78,11 +78,15 @@ class _StderrHandler(logging.StreamHandler):
 def _setup_logging(debug: bool, quiet: bool) -> None:
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger()
-    if not any(getattr(h, "_ctseverity", False) for h in root.handlers):
+    handler = next((h for h in root.handlers if getattr(h, "_ctseverity", False)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._ctseverity = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    # the handler's own level: -q keeps the INFO lines of libraries (an HTTP client, dask) out as well, whatever
+    # level another part of the process gave the root logger
+    handler.setLevel(level)
     for name in ("ctseverity", "monai_ext", "pipelines"):
         logging.getLogger(name).setLevel(level)
 
