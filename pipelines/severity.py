@@ -299,7 +299,11 @@ def lesion_mask_from_heatmap(heat: np.ndarray | torch.Tensor, lung: np.ndarray |
             opacity = relative_attenuation(ct, m, spacing, density_delta_hu)
         else:
             opacity = abnormal_attenuation(ct, m, spacing, density_hu)
-        lesion = grow_within(lesion, opacity, spacing, grow_mm)
+        if grow_mm > 0 and m.any():  # the growth stays in the opacity, hence in the lung: work in the lung's box
+            box = _lung_box(m)
+            lesion[box] = grow_within(lesion[box], opacity[box], spacing, grow_mm)
+        else:
+            lesion &= opacity
     return remove_small_components(lesion, spacing, min_volume_ml)
 
 
