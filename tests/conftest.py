@@ -222,3 +222,24 @@ def write_ct_series(vol: np.ndarray, folder: Path, slices: list[tuple[int, float
 def ct_series():
     """:func:`write_ct_series`: ``ct_series(vol, folder, [(slice index, z mm), ...])`` writes a DICOM series."""
     return write_ct_series
+
+
+def _dciodvfy_errors(path: str | os.PathLike) -> list[str]:
+    """The error lines of dciodvfy (dicom3tools) on ``path``; fails when dciodvfy is not installed."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)", pytrace=False)
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage", "SCImage") for ln in lines), lines
+    return [ln for ln in lines if ln.startswith("Error")]
+
+
+@pytest.fixture(scope="session")
+def dciodvfy():
+    """``dciodvfy(path)`` gives the error lines of dicom3tools' validator on a DICOM file (none: valid)."""
+    return _dciodvfy_errors

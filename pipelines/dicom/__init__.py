@@ -21,7 +21,14 @@ from pipelines.dicom.pacs import choose_study_series, pull_study, run_pacs, stor
 from pipelines.dicom.privacy import RedactIdentifiers, identifier_strings, patient_identifiers, redacting
 from pipelines.dicom.sc import overview_capture
 from pipelines.dicom.seg import LESION_SEGMENT, LUNG_SEGMENT, lesion_description, lung_lesion_segmentation
-from pipelines.dicom.source import MANUFACTURER, ct_series_from_grid, frames, source_headers, write_series
+from pipelines.dicom.source import (
+    MANUFACTURER,
+    OffGridError,
+    ct_series_from_grid,
+    frames,
+    source_headers,
+    write_series,
+)
 from pipelines.dicom.sr import algorithm_parameters, measurement_report
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "LESION_SEGMENT",
     "LUNG_SEGMENT",
     "MANUFACTURER",
+    "OffGridError",
     "SCHEME",
     "algorithm_parameters",
     "ct_series_from_grid",

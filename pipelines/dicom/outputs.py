@@ -21,7 +21,7 @@ from monai_ext.io import atomic_path
 from monai_ext.io.writer import reference_grid, to_reference_grid
 from pipelines.dicom.sc import overview_capture
 from pipelines.dicom.seg import lung_lesion_segmentation
-from pipelines.dicom.source import ct_series_from_grid, frames, source_headers, write_series
+from pipelines.dicom.source import OffGridError, ct_series_from_grid, frames, source_headers, write_series
 from pipelines.dicom.sr import measurement_report
 
 __all__ = ["study_dicom_outputs", "write_dicom_outputs", "is_dicom_input", "DICOM_DIR", "SETTING_KEYS"]
@@ -45,10 +45,11 @@ def study_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
     """The DICOM outputs of a study as the pipeline asks for them (:func:`write_dicom_outputs`).
 
     With ``required`` (``--dicom-out``) they are written for any input, and a failure fails the study. Without
-    it they are written for DICOM series inputs; a series whose files do not lie on the grid read (a series the
-    reader resampled to an even slice step) or whose headers lack what the SEG needs (a frame of reference)
-    then gets none, with a warning (logged, and in ``result["warnings"]`` where the result keeps warnings):
-    the study's other results stand.
+    it they are written for DICOM series inputs; a series whose headers lack what the SEG needs (a frame of
+    reference) then gets none, with a warning (logged, and in ``result["warnings"]`` where the result keeps
+    warnings): the study's other results stand. A series the reader resampled (a gantry tilt corrected, slices
+    put on an even step: its images do not lie on the grid the masks are on) gets its SR and overview but no
+    SEG, with a warning saying why, whether required or not (:func:`write_dicom_outputs`).
     """
     if not required and not is_dicom_input(path, ct.meta):
         return {}
@@ -84,12 +85,18 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
         result: the study's result (``result.json`` content so far: method, model, grade, volumes, settings).
         lung_backend: the lung mask backend of the run.
 
+    A DICOM series the reader resampled (:class:`~pipelines.dicom.source.OffGridError`: a gantry tilt corrected,
+    slices put on an even step) gets no SEG: its masks lie on the resampled grid, between the source pixels or
+    slices, and a SEG on the source images would hold a second resampling of them, not the masks the figures were
+    measured on. Its SR (measurement groups without a segment, TID 1501) and overview are written, and a warning
+    gives the reason.
+
     Returns:
         The outputs written, relative to ``study_dir`` (keys ``dicom_seg``, ``dicom_sr``, ``dicom_overview``,
         ``dicom_ct``).
 
     Raises:
-        CTSeverityError: a DICOM input whose files do not match the grid read.
+        CTSeverityError: a DICOM input whose files are not images of the grid read.
     """
     sdir = Path(study_dir)
     meta = ct.meta
@@ -100,8 +107,14 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
         return to_reference_grid(volume, grid, affine=affine)
 
     outputs: dict[str, str] = {}
+    off_grid: OffGridError | None = None
     if is_dicom_input(path, meta):
-        source, indices = source_headers(path, meta["ctseverity|series_uid"], grid)
+        try:
+            source, indices = source_headers(path, meta["ctseverity|series_uid"], grid)
+        except OffGridError as exc:
+            if not exc.headers:
+                raise
+            off_grid, source, indices = exc, exc.headers, []
     else:
         hu = on_input_grid(np.asarray(ct[0], dtype=np.float32))
         source = ct_series_from_grid(hu, grid, description=f"ct-severity input {result.get('study', '')}")
@@ -109,19 +122,23 @@ def write_dicom_outputs(study_dir: str | os.PathLike, path: str | os.PathLike, c
         folder = sdir / DICOM_DIR / "ct"
         _write_folder(source, folder)
         outputs["dicom_ct"] = f"{DICOM_DIR}/ct"
-    lung_frames = frames(on_input_grid(lung.astype(np.uint8)))
-    lesion_frames = frames(on_input_grid(lesion.astype(np.uint8)))
-    missing = sorted(set(range(grid.shape[2])) - set(indices))
-    if missing:
-        _warn(result, f"{len(missing)} slice(s) filled in by the reader have no source image: the DICOM SEG leaves "
-                      f"out their {int(lung_frames[missing].sum())} lung and {int(lesion_frames[missing].sum())} "
-                      "lesion voxels")
     settings = {k: result.get(k) for k in SETTING_KEYS}
     sha = (result.get("model") or {}).get("sha256")
-    seg = lung_lesion_segmentation(source, lung_frames[indices], lesion_frames[indices], str(result["method"]),
-                                   settings, sha, lung_backend)
+    seg = None
+    if off_grid is not None:
+        _warn(result, f"no DICOM SEG: {off_grid.reason}; the DICOM SR and overview were written")
+    else:
+        lung_frames = frames(on_input_grid(lung.astype(np.uint8)))
+        lesion_frames = frames(on_input_grid(lesion.astype(np.uint8)))
+        missing = sorted(set(range(grid.shape[2])) - set(indices))
+        if missing:
+            _warn(result, f"{len(missing)} slice(s) filled in by the reader have no source image: the DICOM SEG "
+                          f"leaves out their {int(lung_frames[missing].sum())} lung and "
+                          f"{int(lesion_frames[missing].sum())} lesion voxels")
+        seg = lung_lesion_segmentation(source, lung_frames[indices], lesion_frames[indices], str(result["method"]),
+                                       settings, sha, lung_backend)
     sr = measurement_report(source, seg, result, settings)
-    written = [("dicom_seg", "seg.dcm", seg), ("dicom_sr", "sr.dcm", sr)]
+    written = [*([] if seg is None else [("dicom_seg", "seg.dcm", seg)]), ("dicom_sr", "sr.dcm", sr)]
     overview = (result.get("outputs") or {}).get("overview")
     if overview and (sdir / overview).is_file():
         written.append(("dicom_overview", "overview.dcm", overview_capture(source, sdir / overview,

@@ -1,7 +1,8 @@
 """The DICOM Segmentation of a study: a lung segment and a lesion segment on the source slices.
 
 Both segments are BINARY (they overlap: every lesion voxel is a lung voxel). Frame ``k`` of a segment is
-source image ``k``; highdicom takes each frame's position, orientation and pixel spacing from its source
+source image ``k`` (or, for an enhanced multi-frame CT source, its frame ``k + 1``, referenced by its frame
+number); highdicom takes each frame's position, orientation and pixel spacing from its source
 image and references it (Derivation Image and Source Image sequences), so the frames map back onto the
 source slices exactly. Empty frames are left out. The lesion segment's description names the method and the
 lesion threshold; the algorithm parameters hold them too, with the model's checksum.
@@ -49,8 +50,11 @@ def lung_lesion_segmentation(source: Sequence[Dataset], lung: np.ndarray, lesion
     """A DICOM Segmentation with the lung (segment 1) and the lesions (segment 2) of a study.
 
     Args:
-        source: the source images (headers suffice), one per slice, in slice order.
-        lung, lesion: masks as frames (slices, rows, columns) of ``source`` (:func:`~pipelines.dicom.source.frames`).
+        source: the source images (headers suffice): single-frame images, one per slice, in slice order, or one
+            enhanced multi-frame CT image.
+        lung, lesion: masks as frames (frames, rows, columns) of ``source``, one per source frame in the
+            source's frame order (:func:`~pipelines.dicom.source.frames` indexed by
+            :func:`~pipelines.dicom.source.source_headers`' slice of each frame).
         method: the attribution method (or ``density``).
         settings: the lesion settings of the run: ``threshold``, ``lesion_rule``, ``min_lesion_ml``,
             ``density_delta_hu``, ``study_call`` (as in ``result.json``).
@@ -64,7 +68,8 @@ def lung_lesion_segmentation(source: Sequence[Dataset], lung: np.ndarray, lesion
     Raises:
         ValueError: masks that do not match the source images.
     """
-    shape = (len(source), int(source[0].Rows), int(source[0].Columns))
+    n_frames = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in source)
+    shape = (n_frames, int(source[0].Rows), int(source[0].Columns))
     for name, mask in (("lung", lung), ("lesion", lesion)):
         if mask.shape != shape:
             raise ValueError(f"{name} mask has shape {mask.shape}; the source images give {shape}")

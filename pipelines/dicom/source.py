@@ -28,7 +28,8 @@ from monai_ext.io.reader import dicom_series
 from monai_ext.io.writer import ReferenceGrid
 from pipelines import __version__
 
-__all__ = ["source_headers", "ct_series_from_grid", "write_series", "frames", "new_series", "MANUFACTURER"]
+__all__ = ["source_headers", "OffGridError", "ct_series_from_grid", "write_series", "frames", "new_series",
+           "MANUFACTURER"]
 
 #: Manufacturer of every DICOM object ct-severity writes
 MANUFACTURER = "ct-severity"
@@ -56,13 +57,40 @@ def _slice_position(grid: ReferenceGrid, k: int) -> np.ndarray:
     return grid.origin + k * grid.spacing[2] * direction[:, 2]
 
 
+class OffGridError(CTSeverityError):
+    """The source images do not lie on the grid the pipeline worked on (the reader resampled the series: a
+    gantry tilt corrected, slices put on an even step, two images on one slice), so a DICOM Segmentation
+    cannot refer to them exactly. ``headers`` holds the source headers read (slice order), which an SR that
+    refers to the series as a whole can still list."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None, headers: Sequence[Dataset] = ()) -> None:
+        super().__init__(reason, path)
+        self.headers = list(headers)
+
+
+def _frame_positions(ds: Dataset) -> list[np.ndarray]:
+    """Image Position (Patient) of each frame of a multi-frame image (per-frame functional groups, else shared)."""
+    from monai_ext.io.dicom_select import _shared_or_frame
+
+    out = []
+    for i in range(int(ds.NumberOfFrames)):
+        value = _shared_or_frame(ds, "PlanePositionSequence", "ImagePositionPatient", i)
+        if value is None:
+            raise CTSeverityError(f"frame {i + 1} of the multi-frame image has no Image Position (Patient)")
+        out.append(np.asarray([float(v) for v in value]))
+    return out
+
+
 def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGrid
                    ) -> tuple[list[Dataset], list[int]]:
-    """The headers (without pixel data) of the DICOM series the pipeline read, and the slice of the grid each is.
+    """The headers (without pixel data) of the DICOM series the pipeline read, and the grid slice of each frame.
 
-    Every file must lie on a slice of ``grid``: its Image Position (Patient) within 0.05 mm of the slice's
-    position, the same rows and columns, one frame. Slices without a file (missing slices the reader filled in
-    by interpolation) have no source image.
+    A series of single-frame images: every file must lie on a slice of ``grid``: its Image Position (Patient)
+    within 0.05 mm of the slice's position, the same rows and columns, one file per slice. Slices without a
+    file (missing slices the reader filled in by interpolation) have no source image.
+
+    An enhanced (or legacy converted enhanced) multi-frame CT image: every frame must lie on a slice of
+    ``grid`` in the same way (frames may come in any order; the reader sorted them by position).
 
     Args:
         folder: the study's DICOM folder.
@@ -70,34 +98,71 @@ def source_headers(folder: str | os.PathLike, series_uid: str, grid: ReferenceGr
         grid: the input grid (:func:`monai_ext.io.writer.reference_grid` of the image metadata).
 
     Returns:
-        The headers in slice order and, for each, its slice index ``k`` on ``grid``.
+        The headers (in slice order; the one multi-frame image) and the grid slice ``k`` of each source frame,
+        in frame order (one per single-frame file; each frame of a multi-frame image in turn). A mask's frames
+        ``frames(mask)[indices]`` are then the frames of the source images, one for one.
 
     Raises:
         NoDicomSeriesError: the series is no longer in the folder.
-        CTSeverityError: a file that is not one slice of ``grid`` (multi-frame, another size, off the slice
-            positions: a series the reader resampled to an even slice step), or two files on one slice.
+        OffGridError: frames off the slice positions (a series the reader resampled: gantry tilt, uneven
+            slices) or two on one slice.
+        CTSeverityError: a file that is not an image of the grid's rows and columns, or several multi-frame
+            images in one series.
     """
+    from monai_ext.io.dicom_select import MULTIFRAME_CT_CLASSES
+
     series = dicom_series(folder)
     if series_uid not in series:
         raise NoDicomSeriesError(f"no series {series_uid!r} to refer the DICOM outputs to", folder)
     nx, ny, nz = grid.shape
     normal = grid.direction.reshape(3, 3)[:, 2]
-    by_slice: dict[int, Dataset] = {}
-    for name in series[series_uid]:
-        ds = pydicom.dcmread(name, stop_before_pixels=True)
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1 or (int(ds.Rows), int(ds.Columns)) != (ny, nx):
-            raise CTSeverityError(f"{Path(name).name} is not a single {nx}x{ny} slice of the grid read", folder)
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient])
+    headers = [pydicom.dcmread(name, stop_before_pixels=True) for name in series[series_uid]]
+    positions: list[tuple[str, int, np.ndarray]] = []  # (name, header index, position) of each source frame
+    for h, (name, ds) in enumerate(zip(series[series_uid], headers)):
+        label = Path(name).name
+        frames_n = int(ds.get("NumberOfFrames", 1) or 1)
+        if (int(ds.Rows), int(ds.Columns)) != (ny, nx):
+            raise CTSeverityError(f"{label} is not a {nx}x{ny} image of the grid read", folder)
+        if str(ds.SOPClassUID) in MULTIFRAME_CT_CLASSES:
+            if len(headers) != 1:
+                raise CTSeverityError(f"{len(headers)} multi-frame images in one series", folder)
+            try:
+                positions += [(f"{label} frame {i + 1}", h, p) for i, p in enumerate(_frame_positions(ds))]
+            except (CTSeverityError, ValueError, TypeError) as exc:
+                raise CTSeverityError(f"{label}: {getattr(exc, 'reason', exc)}", folder) from None
+        elif frames_n != 1:
+            raise CTSeverityError(f"{label} holds {frames_n} frames but is no enhanced CT image", folder)
+        else:
+            positions.append((label, h, np.asarray([float(v) for v in ds.ImagePositionPatient])))
+    indices: list[int] = []
+    where: dict[int, str] = {}
+    for label, _, position in positions:
         k = int(round(float((position - grid.origin) @ normal) / grid.spacing[2]))
         if not 0 <= k < nz or np.linalg.norm(position - _slice_position(grid, k)) > _POSITION_TOL_MM:
-            raise CTSeverityError(f"{Path(name).name} lies off the slices of the grid read (a series resampled to "
-                                  "an even slice step), so DICOM outputs could not refer to it exactly", folder)
-        if k in by_slice:
-            raise CTSeverityError(f"{Path(name).name} and another file lie on slice {k}, but DICOM outputs need one "
-                                  "image per slice", folder)
-        by_slice[k] = ds
-    indices = sorted(by_slice)
-    return [by_slice[k] for k in indices], indices
+            delta = position - _slice_position(grid, min(max(k, 0), nz - 1))
+            shift = float(np.linalg.norm(delta - (delta @ normal) * normal))
+            how = (f"{label} lies {shift:.1f} mm in its plane off the grid read (the reader corrected a gantry tilt: "
+                   "the masks lie between its pixels)" if shift > _POSITION_TOL_MM else
+                   f"{label} lies {abs(float(delta @ normal)):.2f} mm off the nearest slice of the grid read (the "
+                   "reader put the slices on an even step: the masks lie between its slices)")
+            raise OffGridError(f"{how}, so a SEG on the source images would be a resampling of the masks, not them",
+                               folder, _in_slice_order(headers, normal))
+        if k in where:
+            raise OffGridError(f"{label} and {where[k]} lie on slice {k}, but a DICOM SEG needs one image per "
+                               "slice", folder, _in_slice_order(headers, normal))
+        where[k] = label
+        indices.append(k)
+    if len(headers) == 1 and str(headers[0].SOPClassUID) in MULTIFRAME_CT_CLASSES:
+        return headers, indices
+    order = np.argsort(indices)
+    return [headers[i] for i in order], [indices[i] for i in order]
+
+
+def _in_slice_order(headers: list[Dataset], normal: np.ndarray) -> list[Dataset]:
+    """Single-frame headers by position along ``normal`` (a multi-frame image as it is)."""
+    if len(headers) == 1 or any("ImagePositionPatient" not in ds for ds in headers):
+        return list(headers)
+    return sorted(headers, key=lambda ds: float(np.asarray([float(v) for v in ds.ImagePositionPatient]) @ normal))
 
 
 def _now() -> tuple[str, str]:

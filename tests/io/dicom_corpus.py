@@ -33,6 +33,7 @@ STUDY_UID = generate_uid()
 FRAME_UID = generate_uid()
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 def base_dataset(sop_class: str, series_uid: str, number: int, description: str, modality: str = "CT") -> Dataset:
@@ -143,6 +144,21 @@ def multiframe(vol: np.ndarray) -> Dataset:
         ds.SpacingBetweenSlices = STEP_MM
     return LegacyConvertedEnhancedCTImage(slices, series_instance_uid=generate_uid(), series_number=5,
                                           sop_instance_uid=generate_uid(), instance_number=1)
+
+
+def enhanced_shuffled(vol: np.ndarray, seed: int = 7) -> Dataset:
+    """An Enhanced CT image (SOP class Enhanced CT Image Storage) of the volume's slices with its frames in a
+    shuffled order (each frame's per-frame position says which slice it is): nothing may assume sorted frames."""
+    ds = multiframe(vol)
+    n, rows, cols = int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns)
+    pixels = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(n, rows, cols)
+    groups = list(ds.PerFrameFunctionalGroupsSequence)
+    perm = np.random.default_rng(seed).permutation(n)
+    ds.PerFrameFunctionalGroupsSequence = [groups[i] for i in perm]
+    ds.PixelData = np.ascontiguousarray(pixels[perm]).tobytes()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+    ds.SeriesDescription = "Lung 1.25 mm enhanced, frames shuffled"
+    return ds
 
 
 def tilted_series(vol: np.ndarray, degrees: float) -> tuple[list[Dataset], dict]:

@@ -12,8 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
@@ -22,6 +24,7 @@ from monai_ext.errors import NoDicomSeriesError
 from monai_ext.io.dicom_select import kernel_class
 from monai_ext.io.reader import WARNINGS_KEY, read_sitk_image
 from pipelines.cli import main
+from pipelines.dicom import grade_code
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dicom_corpus as dc  # noqa: E402
@@ -47,6 +50,7 @@ def corpus(small_real_ct, tmp_path_factory):
     for syntax in ("rle", "jpegls", "j2k", "deflate"):
         dc.write([dc.encode(ds, syntax) for ds in dc.axial_series(vol)], root / f"compressed_{syntax}")
     dc.write([dc.multiframe(vol)], root / "multiframe")
+    dc.write([dc.enhanced_shuffled(vol)], root / "enhanced_shuffled")
     names = dc.axial_series(vol)
     for ds in names:
         ds.SpecificCharacterSet = "ISO_IR 192"
@@ -88,7 +92,8 @@ def _world_oracle(series: Path, vol: np.ndarray, out: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["several_series", "compressed_rle", "compressed_jpegls", "compressed_j2k",
-                                  "compressed_deflate", "multiframe", "non_ascii_utf8", "non_ascii_latin1"])
+                                  "compressed_deflate", "multiframe", "enhanced_shuffled", "non_ascii_utf8",
+                                  "non_ascii_latin1"])
 def test_each_case_reads_the_volume_voxel_for_voxel(corpus, case):
     img = read_sitk_image(corpus["root"] / case)
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)
@@ -174,7 +179,7 @@ def test_the_corpus_through_ctseverity_run(corpus, tmp_path, capsys):
     ref = rows["reference"]
     assert ref["status"] == "ok"
     exact = ["several_series", "compressed_rle", "compressed_jpegls", "compressed_j2k", "compressed_deflate",
-             "multiframe", "non_ascii_utf8", "non_ascii_latin1"]
+             "multiframe", "enhanced_shuffled", "non_ascii_utf8", "non_ascii_latin1"]
     for name in exact:
         r = rows[name]
         assert r["status"] == "ok", (name, r["error"])
@@ -211,3 +216,53 @@ def test_inspect_says_which_series_and_reads_the_one_asked_for(corpus, capsys):
     assert "128x128x47" in out and "warning: several_series: 4 CT series in the folder: read series 3" in out
     assert main(["inspect", folder, "--series", corpus["soft_uid"]]) == 0
     assert "read series 2 'Body 1.25 mm'" in capsys.readouterr().out
+
+
+def test_multiframe_and_tilt_get_dicom_outputs_that_map_back(corpus, tmp_path, capsys, dciodvfy):
+    """Enhanced multi-frame CT (frames sorted by highdicom's conversion, and shuffled) gets a SEG whose frames
+    reference the source frames: each source frame's SEG pixels equal the NIfTI masks at that frame's position.
+    The tilt-corrected series gets its SR and overview and no SEG, with the reason. All pass dciodvfy."""
+    root, out = corpus["root"], tmp_path / "out"
+    names = ("multiframe", "enhanced_shuffled", "gantry_tilt")
+    assert main([*RUN[:-1], *(str(root / n) for n in names), "--out", str(out)]) == 0
+    capsys.readouterr()
+    for name in names[:2]:
+        study = out / name
+        result = json.loads((study / "result.json").read_text())
+        assert result["outputs"]["dicom_seg"] == "dicom/seg.dcm" and not result["warnings"], result
+        (source_file,) = (root / name).iterdir()
+        source = pydicom.dcmread(source_file, stop_before_pixels=True)
+        slices = [round(float(f.PlanePositionSequence[0].ImagePositionPatient[2]) / dc.STEP_MM)
+                  for f in source.PerFrameFunctionalGroupsSequence]  # the grid slice of each source frame
+        assert sorted(slices) == list(range(int(source.NumberOfFrames)))
+        seg = hd.seg.segread(study / "dicom" / "seg.dcm")
+        for number, mask_name in ((1, "lung_mask.nii.gz"), (2, "lesion_mask.nii.gz")):
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(study / mask_name))).astype(bool)  # (z, y, x)
+            back = seg.get_pixels_by_source_frame(source.SOPInstanceUID, list(range(1, len(slices) + 1)),
+                                                  segment_numbers=[number])[..., 0].astype(bool)
+            assert mask.sum() > 100 and np.array_equal(back, mask[slices]), (name, mask_name)
+        for frame in seg.PerFrameFunctionalGroupsSequence:  # each frame lies on the source frame it references
+            ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            src = source.PerFrameFunctionalGroupsSequence[int(ref.ReferencedFrameNumber) - 1]
+            np.testing.assert_allclose([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                                       [float(v) for v in src.PlanePositionSequence[0].ImagePositionPatient],
+                                       atol=1e-4)
+        for file in ("seg.dcm", "sr.dcm", "overview.dcm"):
+            assert dciodvfy(study / "dicom" / file) == [], (name, file)
+    tilt = out / "gantry_tilt"
+    result = json.loads((tilt / "result.json").read_text())
+    assert "dicom_seg" not in result["outputs"] and not (tilt / "dicom" / "seg.dcm").exists()
+    assert result["outputs"]["dicom_sr"] == "dicom/sr.dcm"
+    (why,) = [w for w in result["warnings"] if w.startswith("no DICOM SEG")]
+    assert "in its plane off the grid read (the reader corrected a gantry tilt" in why and "; " not in why
+    sr = hd.sr.srread(tilt / "dicom" / "sr.dcm")
+    lesion = [g for g in sr.content.get_image_measurement_groups() if g.tracking_identifier == "lesion"]
+    assert len(lesion) == 1 and lesion[0].get_qualitative_evaluations()[0].value == grade_code(result["grade"])
+    values = {m.name.meaning: m.value for m in lesion[0].get_measurements()}
+    assert values["Lesion volume as percent of lung volume"] == pytest.approx(result["lesion_percent"])
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert len(evidence) == len(list((root / "gantry_tilt").iterdir()))  # the source slices, no SEG
+    for file in ("sr.dcm", "overview.dcm"):
+        assert dciodvfy(tilt / "dicom" / file) == [], file

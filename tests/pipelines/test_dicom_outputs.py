@@ -32,19 +32,8 @@ from monai_ext.io.reader import dicom_series
 from monai_ext.io.writer import ReferenceGrid
 from pipelines.cli import main
 from pipelines.dicom import grade_code, measurement_report, source_headers
+from pipelines.dicom.source import OffGridError
 from pipelines.discovery import find_studies
-
-
-def _dciodvfy(path: Path) -> list[str]:
-    """The error lines of dciodvfy (dicom3tools) on ``path``; fails when dciodvfy is not installed."""
-    exe = shutil.which("dciodvfy")
-    if exe is None:
-        pytest.fail("dciodvfy not found: install the Debian package dicom3tools (.ci/run does)", pytrace=False)
-    proc = subprocess.run([exe, str(path)], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", timeout=120)
-    lines = (proc.stdout + proc.stderr).splitlines()
-    assert any(ln.strip() in ("Segmentation", "Comprehensive3DSR", "CTImage", "SCImage") for ln in lines), lines
-    return [ln for ln in lines if ln.startswith("Error")]
 
 
 def _mask(path: Path) -> np.ndarray:
@@ -160,10 +149,10 @@ def test_sr_is_a_tid1500_report_of_the_result(dicom_run):
     assert again.SOPInstanceUID != sr.SOPInstanceUID
 
 
-def test_seg_sr_and_overview_capture_pass_dciodvfy(dicom_run):
+def test_seg_sr_and_overview_capture_pass_dciodvfy(dicom_run, dciodvfy):
     study = dicom_run[3]
     for name in ("seg.dcm", "sr.dcm", "overview.dcm"):
-        assert _dciodvfy(study / "dicom" / name) == [], name
+        assert dciodvfy(study / "dicom" / name) == [], name
 
 
 def test_overview_capture_is_the_overview_in_the_source_study(dicom_run):
@@ -196,7 +185,8 @@ def crop_nifti(dicom_crop_series, tmp_path_factory) -> Path:
     return path
 
 
-def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series, crop_nifti, tmp_path, capsys):
+def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series, crop_nifti, tmp_path, capsys,
+                                                               dciodvfy):
     series, _ = dicom_crop_series
     ct = sitk.ReadImage(str(crop_nifti))
     out = tmp_path / "out"
@@ -222,7 +212,7 @@ def test_nifti_input_with_dicom_out_gets_a_generated_ct_series(dicom_crop_series
     assert seg.StudyInstanceUID == source[0].StudyInstanceUID != pydicom.dcmread(
         dicom_series(series).popitem()[1][0], stop_before_pixels=True).StudyInstanceUID
     for path in (files[0], study / "dicom" / "seg.dcm", study / "dicom" / "sr.dcm"):
-        assert _dciodvfy(path) == [], path
+        assert dciodvfy(path) == [], path
     with pytest.raises(CTSeverityError, match="no CT study found"):  # the outputs are not studies
         find_studies([out])
 
@@ -244,13 +234,13 @@ def test_source_slices_are_found_on_the_grid_or_refused(dicom_crop_series):
         pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
     # a grid one slice longer (a slice the reader filled in): that slice has no source image
     assert source_headers(series, uid, grid(n=25, shift=-1.25))[1] == list(range(1, 25))
-    with pytest.raises(CTSeverityError, match="off the slices"):
+    with pytest.raises(OffGridError, match="off the nearest slice"):
         source_headers(series, uid, grid(step=1.1))
-    with pytest.raises(CTSeverityError, match="off the slices"):
+    with pytest.raises(OffGridError, match="off the nearest slice"):
         source_headers(series, uid, grid(shift=0.6))
 
 
-def test_a_missing_slice_has_no_frame_and_the_others_map_exactly(dicom_crop_series, tmp_path, capsys):
+def test_a_missing_slice_has_no_frame_and_the_others_map_exactly(dicom_crop_series, tmp_path, capsys, dciodvfy):
     """The reader fills a missing slice in by interpolation; the SEG refers to the 23 real slices only."""
     series, _ = dicom_crop_series
     gap = tmp_path / "gap"
@@ -270,7 +260,7 @@ def test_a_missing_slice_has_no_frame_and_the_others_map_exactly(dicom_crop_seri
         mask = _mask(out / "gap" / name)
         assert mask.shape[0] == 24 and mask[12].any()
         assert np.array_equal(_seg_volume(seg, uids, number), mask[real])
-    assert _dciodvfy(out / "gap" / "dicom" / "seg.dcm") == []
+    assert dciodvfy(out / "gap" / "dicom" / "seg.dcm") == []
 
 
 def test_dicom_out_reruns_a_study_done_without_and_then_resumes(crop_nifti, tmp_path, capsys):
@@ -317,7 +307,7 @@ def test_headers_the_seg_cannot_use_leave_the_other_results_standing(dicom_crop_
     assert "cannot write the DICOM outputs" in capsys.readouterr().out
 
 
-def test_a_study_without_lesions_has_an_empty_lesion_segment(shared, tmp_path, capsys):
+def test_a_study_without_lesions_has_an_empty_lesion_segment(shared, tmp_path, capsys, dciodvfy):
     """24 slices of a clean real CT (LIDC-IDRI-0001): CT-0, the lesion segment has no frame, the SR says CT-0
     with no lesion volume, and both still pass dciodvfy."""
     ct = sitk.ReadImage(str(shared("lidc_idri/LIDC-IDRI-0001_ct.nii.gz")))[:, :, 60:84]
@@ -342,4 +332,4 @@ def test_a_study_without_lesions_has_an_empty_lesion_segment(shared, tmp_path, c
     assert {m.name.meaning: m.value for m in lesion.get_measurements()}["Volume"] == 0
     assert lesion.get_qualitative_evaluations()[0].value == grade_code("CT-0")
     for name in ("seg.dcm", "sr.dcm"):
-        assert _dciodvfy(study / "dicom" / name) == [], name
+        assert dciodvfy(study / "dicom" / name) == [], name
