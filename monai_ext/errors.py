@@ -36,6 +36,10 @@ class CTSeverityError(Exception):
         self.reason = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
+    def __reduce__(self):
+        """Pickle with the reason and path apart (an error raised in another process keeps both)."""
+        return self.__class__, (self.reason, self.path), self.__dict__
+
 
 class InputNotFoundError(CTSeverityError, FileNotFoundError):
     """The input path does not exist."""

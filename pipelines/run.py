@@ -263,7 +263,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "refused before it is read (default: 3/4 of this machine's memory divided by --workers)")
     p.add_argument("--study-timeout", dest="study_timeout", type=float, metavar="SECONDS",
                    help="time limit per study: a study past it is recorded as failed and the batch goes on "
-                        "(checked between stages and attribution batches; default: none)")
+                        "(the input is read in a child process stopped at the limit; later stages are checked "
+                        "between stages and attribution batches; default: none)")
     p.add_argument("--keep-identifiers", dest="keep_identifiers", action="store_true",
                    help="put the patient name, ID and birth date of DICOM inputs into result.json and results.csv "
                         "(and a PACS run's log); by default only the DICOM outputs hold them")

@@ -13,7 +13,8 @@ is applied to), ``lesion_mask.nii.gz``, ``lung_mask.nii.gz``, ``overview.png``, 
 Damaged input is repaired with a warning or refused (:mod:`monai_ext.io.checks`); the warnings go into
 ``result.json`` (``warnings``). A study run inside :func:`study_time_limit` stops with a
 :class:`~monai_ext.errors.StudyTimeoutError` at the first check past its limit (between stages and
-between attribution batches).
+between attribution batches); its input is then read in a child process that is stopped when the limit
+passes, so that a reader that hangs (a decoder, a named pipe) cannot hold the study past it.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def study_time_limit(seconds: float | None) -> Iterator[None]:
     """Limit the time of the study run inside the block (in this thread) to ``seconds`` (``None``: no limit).
 
     The limit is checked by :func:`check_time` between the pipeline's stages and attribution batches, so
-    a study stops at the first check past it, and before any output is written as complete.
+    a study stops at the first check past it, and before any output is written as complete. The input is read
+    in a child process killed when the limit passes (a hanging reader cannot be interrupted in this process).
 
     Example::
 
@@ -217,8 +219,32 @@ def check_time(stage: str) -> None:
     """
     deadline = getattr(_DEADLINE, "value", None)
     if deadline is not None and time.monotonic() > deadline[0]:
-        raise StudyTimeoutError(f"took longer than the time limit of {deadline[1]:g} s per study (--study-timeout); "
-                                f"stopped at {stage}")
+        raise _timeout_error(stage)
+
+
+def _timeout_error(stage: str) -> StudyTimeoutError:
+    return StudyTimeoutError(f"took longer than the time limit of {_DEADLINE.value[1]:g} s per study "
+                             f"(--study-timeout); stopped at {stage}")
+
+
+def time_left() -> float | None:
+    """Seconds left of the study's time limit in this thread (``None``: no limit)."""
+    deadline = getattr(_DEADLINE, "value", None)
+    return None if deadline is None else deadline[0] - time.monotonic()
+
+
+def _read_within_limit(study: Study, config: PipelineConfig):
+    """Read a study; under a time limit in a child process stopped when the limit passes (a decoder that hangs,
+    a named pipe that never delivers data), since a thread blocked in a reader cannot be interrupted."""
+    left = time_left()
+    if left is not None and left <= 0:
+        check_time("reading the input")
+    try:
+        return read_ct(study.path, series_uid=config.series_uid, max_bytes=config.max_memory, timeout=left)
+    except TimeoutError as exc:
+        if isinstance(exc, StudyTimeoutError):
+            raise
+        raise _timeout_error("reading the input (the reader was stopped)") from None
 
 
 def _versions() -> dict:
@@ -286,7 +312,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         raise ValueError(f"method {config.method!r} needs a model")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    ct, report = read_ct(study.path, series_uid=config.series_uid, max_bytes=config.max_memory)
+    ct, report = _read_within_limit(study, config)
     spacing = [float(v) for v in ct.pixdim.tolist()]
     t["load"] = time.perf_counter() - t0
     check_time("the lung mask")

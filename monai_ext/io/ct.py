@@ -19,7 +19,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Orientation
 
-from monai_ext.errors import NotAVolumeError, NotCTError
+from monai_ext.errors import CorruptImageError, NotAVolumeError, NotCTError
 from monai_ext.io.checks import (
     InputReport,
     default_max_memory,
@@ -28,6 +28,7 @@ from monai_ext.io.checks import (
     repair_lost_slices,
     repair_nonfinite,
 )
+from monai_ext.io.isolate import call_in_child
 from monai_ext.io.reader import WARNINGS_KEY, SITKReader
 
 __all__ = ["load_ct", "read_ct", "validate_ct", "MIN_SLICES", "MIN_INPLANE"]
@@ -81,29 +82,62 @@ def validate_ct(image: np.ndarray | torch.Tensor, path: str | os.PathLike | None
             "air near -1000 and soft tissue near 0 are expected)", path)
 
 
+def _read_file(path: str | os.PathLike, series_uid: str | None, max_bytes: int) -> tuple:
+    """The part of reading a study that touches the input (and may hang on it): the image (SimpleITK, pydicom)
+    and, for NIfTI, the qform/sform check and the non-finite voxels (nibabel). An error of the NIfTI checks is
+    returned, not raised, so that :func:`read_ct` raises it where it always did (after :func:`validate_ct`)."""
+    image = SITKReader(series_uid=series_uid, max_bytes=max_bytes).read(str(path))
+    nifti: tuple | Exception | None = None
+    if str(path).lower().endswith((".nii", ".nii.gz")):
+        try:
+            nifti = (nifti_form_warnings(path, image.GetSpacing()), nifti_nonfinite_mask(path))
+        except Exception as exc:  # noqa: BLE001 - raised later, in order
+            nifti = exc
+    return image, nifti
+
+
 def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation: str | None = "RAS",
-            dtype: torch.dtype = torch.float32, max_bytes: int | None = None) -> tuple[MetaTensor, InputReport]:
+            dtype: torch.dtype = torch.float32, max_bytes: int | None = None, timeout: float | None = None
+            ) -> tuple[MetaTensor, InputReport]:
     """:func:`load_ct`, and what was repaired on the way.
+
+    Args:
+        timeout: with a time limit (seconds), the input is read in a child process that is stopped when the
+            limit passes (:func:`monai_ext.io.isolate.call_in_child`): a decoder that hangs, or a named pipe
+            that never delivers data, then raises :class:`TimeoutError` instead of blocking the caller
+            (a thread blocked in a C library cannot be interrupted). ``None``: read in this process.
+        path, series_uid, orientation, dtype, max_bytes: as for :func:`load_ct`.
 
     Returns:
         ``(ct, report)``: the volume and its :class:`~monai_ext.io.checks.InputReport` (warnings, and
         the mask of the voxels repaired from NaN/inf on the returned grid).
 
     Raises:
-        The errors of :func:`load_ct`.
+        The errors of :func:`load_ct`; TimeoutError: no image within ``timeout``; CorruptImageError: the reader
+        crashed on the input (in the child process).
     """
     report = InputReport(path=str(path))
-    reader = SITKReader(series_uid=series_uid, max_bytes=default_max_memory() if max_bytes is None else max_bytes)
-    array, meta = reader.get_data(reader.read(str(path)))
+    budget = default_max_memory() if max_bytes is None else max_bytes
+    if timeout is None:
+        image, nifti = _read_file(path, series_uid, budget)
+    else:
+        try:
+            image, nifti = call_in_child(_read_file, timeout, path, series_uid, budget)
+        except ChildProcessError as exc:
+            raise CorruptImageError(f"the reader crashed on this input ({exc})", path) from None
+    array, meta = SITKReader().get_data(image)
+    del image
     if not np.isnan(meta.get("original_channel_dim", float("nan"))):
         raise NotAVolumeError("has several components per voxel (a colour image?); a CT volume is needed", path)
     for line in str(meta.pop(WARNINGS_KEY, "")).splitlines():
         report.warn(line)
     validate_ct(array, path)
-    if str(path).lower().endswith((".nii", ".nii.gz")):
-        for line in nifti_form_warnings(path, meta["sitk_spacing"]):
+    if isinstance(nifti, Exception):
+        raise nifti
+    if nifti is not None:
+        form, nifti_bad = nifti
+        for line in form:
             report.warn(line)
-        nifti_bad = nifti_nonfinite_mask(path)
         if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
             array = array.astype(np.float32, copy=False)
             array[nifti_bad] = np.nan

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -99,6 +101,24 @@ def test_study_timeout_fails_the_study_and_the_batch_goes_on(damaged, tmp_path):
         assert not (out / name / "result.json").exists()
     code = main([*RUN, str(damaged / "intact.nii.gz"), "--out", str(out), "--study-timeout", "600"])
     assert code == 0 and _rows(out)["intact"]["status"] == "ok"
+
+
+def test_study_timeout_stops_a_reader_that_hangs(tmp_path):
+    """A named pipe that never delivers data, listed in a manifest: reading it blocks in open(), which no check
+    between stages could stop. Under --study-timeout the read runs in a child process, killed at the limit."""
+    fifo = tmp_path / "hang.nii.gz"
+    os.mkfifo(fifo)
+    manifest = tmp_path / "studies.csv"
+    manifest.write_text(f"path,study\n{fifo},hang\n")
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    assert main([*RUN, str(manifest), "--out", str(out), "--study-timeout", "2"]) == 1
+    assert time.monotonic() - t0 < 60
+    row = _rows(out)["hang"]
+    assert row["status"] == "failed" and row["error"] == (
+        "took longer than the time limit of 2 s per study (--study-timeout); stopped at reading the input (the "
+        "reader was stopped)")
+    assert not (out / "hang" / "result.json").exists()
 
 
 def test_bad_limits_are_usage_errors(damaged, tmp_path, capsys):
