@@ -1,4 +1,5 @@
-"""Orchestration of ct-severity: study discovery, the per-study pipeline, dask, reports and the CLI.
+"""Orchestration of ct-severity: study discovery, the per-study pipeline, dask, reports and the CLI
+(:mod:`pipelines.commands`, one module per ``ctseverity`` command).
 
 dask and GPU specifics live here; :mod:`monai_ext` stays importable without them.
 """

@@ -1,9 +1,9 @@
 """The ``ctseverity`` command line.
 
-One console script with subcommands. Each subcommand lives in its own module of ``pipelines``
-that defines ``register(subparsers)``; the function it sets as ``func`` takes the parsed
-arguments and returns an exit code. Every subcommand can be tested by calling
-:func:`main` with an argument list.
+One console script with subcommands. Each subcommand lives in its own module of
+:mod:`pipelines.commands` (``pipelines/commands/<verb>.py``) that defines ``register(subparsers)``;
+the function it sets as ``func`` takes the parsed arguments and returns an exit code. Every
+subcommand can be tested by calling :func:`main` with an argument list.
 
 User errors (:class:`~monai_ext.errors.CTSeverityError`, ``FileNotFoundError``, ``ValueError``)
 are printed as one line naming the input and the reason, with exit code 2 and no traceback
@@ -26,16 +26,16 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # something went wrong while working (a failed study, an unexpected error)
 EXIT_USAGE = 2  # bad input or arguments
 
-#: modules of ``pipelines`` that each add one subcommand, in the order of ``--help``
+#: modules of ``pipelines.commands`` that each add one subcommand, in the order of ``--help``
 COMMAND_MODULES: tuple[str, ...] = (
-    "pipelines.synth",
-    "pipelines.train",
-    "pipelines.predict",
-    "pipelines.run",
-    "pipelines.demo",
-    "pipelines.calibrate",
-    "pipelines.inspect_cmd",
-    "pipelines.evaluate",
+    "pipelines.commands.synth",
+    "pipelines.commands.train",
+    "pipelines.commands.predict",
+    "pipelines.commands.run",
+    "pipelines.commands.demo",
+    "pipelines.commands.calibrate",
+    "pipelines.commands.inspect",
+    "pipelines.commands.evaluate",
 )
 
 log = logging.getLogger("ctseverity")

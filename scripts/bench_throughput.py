@@ -191,7 +191,7 @@ def _child(args: argparse.Namespace) -> int:
     import torch
 
     from pipelines.batch import run_batch
-    from pipelines.run import resolve_device
+    from pipelines.devices import resolve_device
     from pipelines.study import PipelineConfig
 
     device = resolve_device(args.device)

@@ -227,7 +227,7 @@ def run_pacs(args, config, local_inputs: Sequence[str], url: str) -> int:
         CTSeverityError: the server cannot be reached or refused access, or no study could be retrieved.
     """
     from pipelines.batch import run_batch
-    from pipelines.run import print_summary
+    from pipelines.commands.run import print_summary
 
     uids = [check_uid(u) for u in (args.study or [])]
     if not uids and not args.study_date:

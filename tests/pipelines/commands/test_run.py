@@ -12,7 +12,7 @@ from pipelines.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-INFERENCE_CONFIG = Path(__file__).resolve().parents[2] / "bundles" / "ct_severity" / "configs" / "inference.json"
+INFERENCE_CONFIG = Path(__file__).resolve().parents[3] / "bundles" / "ct_severity" / "configs" / "inference.json"
 
 
 def read_csv(path):

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``ctseverity demo`` with parsed arguments; returns the exit code."""
     from monai_ext.data.studies import write_studies
     from pipelines.batch import run_batch
-    from pipelines.run import config_from_args, print_summary
+    from pipelines.commands.run import config_from_args, print_summary
 
     fractions = demo_fractions(args.studies)
     config = config_from_args(args)  # bad settings fail before writing anything
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``demo`` subcommand to ``sub`` (its ``func`` is :func:`run`)."""
-    from pipelines.run import add_run_options
+    from pipelines.commands.run import add_run_options
 
     p = sub.add_parser(
         "demo",

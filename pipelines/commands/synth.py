@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 __all__ = ["register", "run", "parse_percents", "parse_triple"]
 
-log = logging.getLogger(__name__)
+# its log lines keep the name they had before the commands moved into pipelines.commands
+log = logging.getLogger("pipelines.synth")
 
 DEFAULT_FRACTIONS = "0,5,20,40,60,80"
 DEFAULT_SHAPE = (256, 256, 96)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
+from pipelines.devices import resolve_device
 from pipelines.methods import METHODS
 from pipelines.severity import LESION_RULES
 
@@ -28,18 +29,9 @@ if TYPE_CHECKING:
     from pipelines.study import PipelineConfig
 
 __all__ = ["register", "run", "add_run_options", "add_bundle_options", "TRUST_BUNDLE_HELP", "config_from_args",
-           "print_summary", "resolve_device"]
+           "print_summary"]
 
 METHOD_CHOICES = (*METHODS, "density")
-
-
-def resolve_device(device: str | None) -> str:
-    """``auto`` (or ``None``): ``cuda`` when a GPU is available, else ``cpu``; anything else as given."""
-    if device in (None, "", "auto"):
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def add_run_options(p: argparse.ArgumentParser, method_default: str = "iba") -> None:
