@@ -297,13 +297,15 @@ class Evidence:
 
 
 def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
-                     density_delta_hu: float = DEFAULT_DELTA_HU, study_call: float = 0.0) -> Evidence:
+                     density_delta_hu: float = DEFAULT_DELTA_HU, study_call: float = 0.0,
+                     loaded: tuple | None = None) -> Evidence:
     """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
 
     For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1): lung voxels
     ``density_delta_hu`` above the study's normal lung level. A study whose probability is below
     ``study_call`` has no lesion whatever its maps (:func:`lesion_mask`), so its slices are not attributed
-    and its heatmap is zero (calibration passes 0 to see every study's maps).
+    and its heatmap is zero (calibration passes 0 to see every study's maps). ``loaded``: the study as
+    :func:`~monai_ext.io.read_ct` already read it (``(ct, report)``), not read again.
     """
     from monai_ext.transforms.slices import extract_slices, paste_slices
 
@@ -312,7 +314,7 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         raise ValueError(f"method {config.method!r} needs a model")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    ct, report = _read_within_limit(study, config)
+    ct, report = _read_within_limit(study, config) if loaded is None else loaded
     spacing = [float(v) for v in ct.pixdim.tolist()]
     t["load"] = time.perf_counter() - t0
     check_time("the lung mask")

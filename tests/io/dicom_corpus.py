@@ -74,11 +74,12 @@ def ct_slice(arr2d: np.ndarray, position, orientation, series_uid: str, number: 
 
 
 def axial_series(vol: np.ndarray, series_uid: str | None = None, number: int = 3, description: str = "Lung 1.25 mm",
-                 kernel: str = "B70f", thickness: float = 1.25, step: int = 1) -> list[Dataset]:
-    """The volume's axial slices (every ``step``-th) as a CT series."""
+                 kernel: str = "B70f", thickness: float = 1.25, step: int = 1, pixel_mm: float = PIXEL_MM,
+                 step_mm: float = STEP_MM) -> list[Dataset]:
+    """The volume's axial slices (every ``step``-th) as a CT series (voxels ``pixel_mm`` wide, ``step_mm`` apart)."""
     uid = series_uid or generate_uid()
-    return [ct_slice(vol[:, :, k].T, (0.0, 0.0, k * STEP_MM), (1, 0, 0, 0, 1, 0), uid, number, description, n + 1,
-                     kernel, thickness) for n, k in enumerate(range(0, vol.shape[2], step))]
+    return [ct_slice(vol[:, :, k].T, (0.0, 0.0, k * step_mm), (1, 0, 0, 0, 1, 0), uid, number, description, n + 1,
+                     kernel, thickness, pixel_mm=pixel_mm) for n, k in enumerate(range(0, vol.shape[2], step))]
 
 
 def encode(ds: Dataset, syntax: str) -> Dataset:
