@@ -12,6 +12,7 @@ from monai_ext.errors import CTSeverityError, InputNotFoundError
 from monai_ext.transforms.lung import BACKENDS as LUNG_BACKENDS
 from pipelines.bundle import bundle_path, copy_bundle, load_model
 from pipelines.calibrate import fit_calibration, write_calibration
+from pipelines.commands.run import TRUST_BUNDLE_HELP
 from pipelines.discovery import find_studies
 from pipelines.report import read_truth
 from pipelines.study import PipelineConfig, compute_evidence, resolve_calibration
@@ -30,9 +31,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     missing = [s.study for s in studies if s.study not in truth]
     if missing:
         raise CTSeverityError(f"no truth for {len(missing)} studies, e.g. {', '.join(missing[:3])}", truth_path)
-    model = None if args.method == "density" else load_model(args.bundle, device=args.device)
+    model = None if args.method == "density" else load_model(args.bundle, device=args.device,
+                                                             trust=args.trust_bundle)
     config = PipelineConfig(method=args.method, bundle=args.bundle, lung_mask=args.lung_mask, device=args.device,
-                            batch_size=args.batch_size).validate()
+                            batch_size=args.batch_size, trust_bundle=args.trust_bundle).validate()
     gate = resolve_calibration(config, model)["slice_gate"]
     evidence = [compute_evidence(s, config, model, gate)
                 for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
@@ -70,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("studies", nargs="+", metavar="STUDIES", help="studies (files, folders, manifest)")
     p.add_argument("--truth", help="CSV with study and lesion_percent and/or grade (default: STUDIES/truth.csv)")
     p.add_argument("--method", default="iba", choices=["iba", "hirescam", "gradcam", "igospp", "lrp", "density"])
-    p.add_argument("--bundle", help="bundle to calibrate (default: the embedded bundle)")
+    p.add_argument("--bundle", help="bundle to calibrate (default: the embedded bundle); see --trust-bundle")
+    p.add_argument("--trust-bundle", dest="trust_bundle", action="store_true", help=TRUST_BUNDLE_HELP)
     p.add_argument("--out", help="write a calibrated copy of the bundle here instead of updating it in place")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)

@@ -128,8 +128,13 @@ def test_cli_refuses_an_untrusted_bundle_in_one_line(tmp_path, capsys):
     _edit_model_json(bundle, network_def=_network_def(dropout_prob=_marker_expr(marker)))
     study = tmp_path / "study.nii.gz"
     study.write_bytes(b"")  # never read: the bundle is refused first
+    truth = tmp_path / "truth.csv"
+    truth.write_text("study,lesion_percent\nstudy,10\n")
+    calibrate = ["calibrate", str(study), "--truth", str(truth), "--bundle", str(bundle), "--method", "hirescam",
+                 "--dry-run"]
     for argv in (["predict", str(study), "--bundle", str(bundle)],
-                 ["run", str(study), "--out", str(tmp_path / "out"), "--bundle", str(bundle), "--method", "hirescam"]):
+                 ["run", str(study), "--out", str(tmp_path / "out"), "--bundle", str(bundle), "--method", "hirescam"],
+                 calibrate):
         assert main(argv) == 2
         err = capsys.readouterr().err
         lines = [ln for ln in err.strip().splitlines() if ln.startswith("ctseverity")]
@@ -137,9 +142,11 @@ def test_cli_refuses_an_untrusted_bundle_in_one_line(tmp_path, capsys):
         assert "model.json" in lines[0] and "--trust-bundle" in lines[0] and "dropout_prob" in lines[0]
     assert not marker.exists()
     assert not (tmp_path / "out" / "study").exists()
+    assert main([*calibrate, "--trust-bundle"]) != 0  # the study is empty; the bundle's config ran first
+    assert marker.read_text() == "ran"
 
 
-@pytest.mark.parametrize("command", ["run", "predict", "evaluate", "demo", "train"])
+@pytest.mark.parametrize("command", ["run", "predict", "evaluate", "demo", "train", "calibrate"])
 def test_help_says_what_trust_bundle_allows(capsys, command):
     assert main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
