@@ -75,8 +75,17 @@ class Case:
         zs = np.flatnonzero(label.any(axis=(0, 1)))
         margin = int(round(30.0 / spacing[2]))
         self.z_range = (max(0, int(zs[0]) - margin), min(label.shape[2] - 1, int(zs[-1]) + margin))
+        # the lung bases (from 20 mm below the lowest lung slice to 60 mm above it): organ domes and basal
+        # consolidation on the diaphragm, the hardest slices, drawn more often (``--base-share``)
+        self.base_range = (max(0, int(zs[0]) - int(round(20.0 / spacing[2]))),
+                           min(label.shape[2] - 1, int(zs[0]) + int(round(60.0 / spacing[2]))))
         self.tensors = [torch.from_numpy(v) for v in variants]
         self.label_t = torch.from_numpy((label > 0).astype(np.float32))
+
+
+#: lesion kinds drawn for the training variants: dense disease (consolidation, mixed with dense cores) is what
+#: the threshold mask loses against the chest wall, the heart and the diaphragm, so it is drawn most
+KINDS = ("mixed", "mixed", "ggo", "consolidation", "consolidation")
 
 
 def make_variants(image: np.ndarray, label: np.ndarray, spacing, n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -84,8 +93,8 @@ def make_variants(image: np.ndarray, label: np.ndarray, spacing, n: int, rng: np
 
     out = [image]
     for _ in range(n):
-        frac = float(rng.choice([rng.uniform(0.02, 0.3), rng.uniform(0.3, 0.9)]))
-        kind = str(rng.choice(["mixed", "mixed", "mixed", "ggo", "consolidation"]))
+        frac = float(rng.choice([rng.uniform(0.02, 0.3), rng.uniform(0.3, 0.95)]))
+        kind = str(rng.choice(KINDS))
         img, _ = insert_lesions(image, label, spacing, frac, seed=int(rng.integers(1 << 30)), kind=kind)
         out.append(img.astype(np.int16))
     return out
@@ -109,8 +118,8 @@ def build_cases(names: list[str], extra: list[Path], n_variants: int, n_phantoms
     return cases
 
 
-def sample_batch(cases: list[Case], cfg, batch: int, rng: np.random.Generator, augment: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(cases: list[Case], cfg, batch: int, rng: np.random.Generator, augment: bool = True,
+                 base_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     from monai_ext.transforms.lung_net import canvas_grid, sample_canvas
 
     xs, ys = [], []
@@ -118,7 +127,8 @@ def sample_batch(cases: list[Case], cfg, batch: int, rng: np.random.Generator, a
     for _ in range(batch):
         case = cases[int(rng.integers(len(cases)))]
         vol = case.tensors[int(rng.integers(len(case.tensors)))]
-        z = int(rng.integers(case.z_range[0], case.z_range[1] + 1))
+        lo_z, hi_z = case.base_range if rng.random() < base_share else case.z_range
+        z = int(rng.integers(lo_z, hi_z + 1))
         if augment:
             scale = float(np.exp(rng.uniform(-0.22, 0.22)))
             grid = canvas_grid(vol.shape[:2], case.spacing, case.centre, cfg, scale=scale,
@@ -156,6 +166,8 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monai_ext.transforms.lung_net import LungNetInput
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(REPO / "bundles" / "ct_severity" / "models"),
                    help="folder for lung_net.pt and lung_net.json")
@@ -171,26 +183,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phantoms", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--size", type=int, default=LungNetInput.size, help="canvas size in pixels")
+    p.add_argument("--pixel-mm", type=float, default=LungNetInput.pixel_mm, help="canvas pixel size in mm")
+    p.add_argument("--channels", type=int, nargs="+", default=NETWORK["channels"],
+                   help="U-Net channels per level (one stride-2 level fewer than channels)")
+    p.add_argument("--base-share", type=float, default=0.3,
+                   help="share of training slices drawn from the lung bases (organ domes, basal lesions)")
     args = p.parse_args(argv)
 
     from monai.bundle import ConfigParser
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
-    from monai_ext.transforms.lung_net import LungNetInput
-
     if args.threads:
         torch.set_num_threads(args.threads)
     set_determinism(seed=args.seed)
     rng = np.random.default_rng(args.seed)
-    cfg = LungNetInput()
+    cfg = LungNetInput(size=args.size, pixel_mm=args.pixel_mm)
+    network = dict(NETWORK, channels=list(args.channels), strides=[2] * (len(args.channels) - 1))
     names = [n for n in TRAINING_CT if n != args.holdout and n not in args.exclude]
     extra = [Path(e) for e in args.extra if Path(e).name.split(".")[0] != args.holdout]
     t0 = time.time()
     cases = build_cases(names, extra, args.variants, args.phantoms, args.seed)
     print(f"{len(cases)} cases prepared in {time.time() - t0:.0f} s")
 
-    net = ConfigParser({"net": dict(NETWORK)}).get_parsed_content("net")
+    net = ConfigParser({"net": dict(network)}).get_parsed_content("net")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     loss_fn = DiceCELoss(sigmoid=True)
@@ -198,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     losses = []
     for step in (bar := tqdm(range(args.steps), desc="training", unit="step")):
-        x, y = sample_batch(cases, cfg, args.batch, rng)
+        x, y = sample_batch(cases, cfg, args.batch, rng, base_share=args.base_share)
         loss = loss_fn(net(x), y)
         opt.zero_grad()
         loss.backward()
@@ -217,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.bundle import sha256_file
 
     record = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "variants": args.variants,
-              "phantoms": args.phantoms, "seed": args.seed, "training_ct": names + [p.name for p in extra],
+              "phantoms": args.phantoms, "seed": args.seed, "base_share": args.base_share,
+              "kinds": list(KINDS), "training_ct": names + [p.name for p in extra],
               "train_seconds": round(train_s), "final_loss": round(float(np.mean(losses[-100:])), 4)}
     if args.holdout:
         from monai_ext.transforms.lung_net import LungNet, lung_probability
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         record["holdout"] = {"name": args.holdout, "dice": round(dice(prob > 0.5, label > 0), 4)}
         np.savez_compressed(out / f"holdout_{args.holdout}.npz", ct=image, label=label, pred=(prob > 0.5),
                             spacing=np.asarray(spacing))
-    info = {"format": "ct-severity-lung-net/1", "network_def": NETWORK, "input": cfg.to_dict(),
+    info = {"format": "ct-severity-lung-net/1", "network_def": network, "input": cfg.to_dict(),
             "sha256": sha256_file(weights), "training": record}
     (out / "lung_net.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(record, indent=2))
