@@ -488,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind, _, outcome, v in table:
             print(f"{kind:28s} {v:22s} {outcome}")
     bad = [t for t in table if t[3].startswith(("OTHER", "SILENT", "REFUSED WITHOUT"))]
-    print(f"\n{len(table) - 2} damaged copies of {args.source} ({len(rows)} studies): corpus built in {built:.0f} s, "
+    made = "corpus reused" if args.reuse else f"corpus built in {built:.0f} s"
+    print(f"\n{len(table) - 2} damaged copies of {args.source} ({len(rows)} studies): {made}, "
           f"`ctseverity run --method {args.method}` in {ran:.0f} s; {len(bad)} with another grade")
     return 1 if bad else 0
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from monai_ext.errors import CorruptImageError, DamagedImageError, InputTooLargeError
+from monai_ext.errors import CorruptImageError, DamagedImageError, InputTooLargeError, NotCTError
 
 __all__ = [
     "InputReport",
@@ -58,6 +58,12 @@ __all__ = [
     "repair_nonfinite",
     "lost_slices",
     "repair_lost_slices",
+    "tissue_levels",
+    "check_hu_scale",
+    "TISSUE_BAND_HU",
+    "MAX_SLICE_SCALE_HU",
+    "MAX_SLICE_AIR_HU",
+    "MAX_BELOW_AIR",
     "regularize_slices",
     "slices_even",
     "spacing_tag_warning",
@@ -449,8 +455,88 @@ def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
     return [(int(indices[a]), int(indices[b])) for a, b in zip(starts, ends)]
 
 
-def repair_lost_slices(volume: np.ndarray, report: InputReport, path: str | os.PathLike | None = None) -> np.ndarray:
-    """Fill the slices :func:`lost_slices` finds by linear interpolation between their neighbours, or refuse.
+#: the study's body tissue level (the most common value from -500 to 2500 HU: fat or soft tissue) lies in here
+TISSUE_BAND_HU = (-300.0, 300.0)
+#: a slice whose body tissue level lies further than this from the study's is on another intensity scale
+MAX_SLICE_SCALE_HU = 400.0
+#: ... or whose air level (2nd percentile above the padding) lies further than this from the study's
+MAX_SLICE_AIR_HU = 300.0
+#: HU data has almost no voxel below -1100 HU but padding and fill values (air is -1000 HU)
+MAX_BELOW_AIR = 0.02
+
+
+def tissue_levels(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice's (last axis) body tissue level and air level, from every second pixel.
+
+    The tissue level is the most common value (20 HU bins) of the voxels from -500 to 2500 HU; the air level the
+    2nd percentile of the values from -1100 HU up (below lie padding and fill values). NaN for a slice with less
+    than 2 % of such voxels."""
+    edges = np.arange(-500.0, 2520.0, 20.0)
+    tissue, air = np.full(volume.shape[-1], np.nan), np.full(volume.shape[-1], np.nan)
+    for k in range(volume.shape[-1]):
+        sl = volume[::2, ::2, k].astype(np.float32, copy=False).ravel()
+        body = sl[(sl >= -500) & (sl < 2500)]  # NaN fails both comparisons
+        if body.size >= 0.02 * sl.size and body.size:
+            counts, _ = np.histogram(body, bins=edges)
+            tissue[k] = edges[int(np.argmax(counts))] + 10.0
+        values = sl[sl >= -1100]
+        if values.size >= 0.02 * sl.size and values.size:
+            air[k] = float(np.percentile(values, 2))
+    return tissue, air
+
+
+def check_hu_scale(volume: np.ndarray, path: str | os.PathLike | None = None) -> np.ndarray:
+    """Whether a volume is on the Hounsfield scale, whole and slice by slice (a wrong rescale slope or intercept
+    in a DICOM header, a wrong NIfTI scale factor).
+
+    In HU, the most common value of the body (fat, -100 HU, or soft tissue, 20-60 HU) lies within
+    :data:`TISSUE_BAND_HU`, from slice to slice within about 200 HU, the air level of each slice near -1000 HU,
+    and almost nothing but the padding outside the field of view lies below -1100 HU. Measured on the eight real
+    CT of ``../shared/data``: study levels -110 to 10 HU, slices at most 180 HU from them, slice air levels at most
+    44 HU from the study's, no voxel below -1100 HU but padding. A Rescale Slope of 2 puts the level at 810 HU;
+    a slope of 2 on some slices puts their tissue level 900 HU off, an intercept of 0 instead of -1024 their air
+    level 994 HU off; a NIfTI scale factor of 2 puts air at -2000 HU.
+
+    Args:
+        volume: (X, Y, Z), slices along the last axis.
+        path: the input, named in refusals.
+
+    Returns:
+        The slices on another intensity scale than the study (their tissue level more than
+        :data:`MAX_SLICE_SCALE_HU` or their air level more than :data:`MAX_SLICE_AIR_HU` from the median of the
+        slices'): :func:`repair_lost_slices` treats them as lost.
+
+    Raises:
+        NotCTError: the study's level outside :data:`TISSUE_BAND_HU`, or more than :data:`MAX_BELOW_AIR` of the
+            voxels below -1100 HU (other than padding and fill values: values each held by more than 0.5 % of
+            the voxels).
+    """
+    levels, air = tissue_levels(volume)
+    if np.isfinite(levels).any():
+        level = float(np.nanmedian(levels))
+        if not TISSUE_BAND_HU[0] <= level <= TISSUE_BAND_HU[1]:
+            raise NotCTError(f"values are not on the Hounsfield scale: the body's most common value is {level:.0f} HU "
+                             f"(fat and soft tissue lie near -100 to 60 HU): a wrong rescale slope or intercept in the "
+                             "header?", path)
+    sample = volume[::2, ::2, ::2]
+    sample = sample[np.isfinite(sample)]
+    if sample.size:
+        values, counts = np.unique(sample[sample < -1100], return_counts=True)
+        low = float(counts[counts <= 0.005 * sample.size].sum()) / sample.size  # not a padding or fill value
+        if low > MAX_BELOW_AIR:
+            raise NotCTError(f"values are not on the Hounsfield scale: {100 * low:.0f} % of the voxels lie below "
+                             "-1100 HU, where air is -1000 HU: a wrong scale factor in the header?", path)
+    off = np.zeros(volume.shape[-1], dtype=bool)
+    for values, limit in ((levels, MAX_SLICE_SCALE_HU), (air, MAX_SLICE_AIR_HU)):
+        if np.isfinite(values).any():
+            off |= np.abs(values - np.nanmedian(values)) > limit  # NaN compares False
+    return np.flatnonzero(off)
+
+
+def repair_lost_slices(volume: np.ndarray, report: InputReport, path: str | os.PathLike | None = None,
+                       off_scale: np.ndarray | None = None) -> np.ndarray:
+    """Fill the slices :func:`lost_slices` finds (and ``off_scale``: slices :func:`check_hu_scale` found on
+    another intensity scale) by linear interpolation between their neighbours, or refuse.
 
     The rule of missing DICOM slices (:func:`regularize_slices`): at most :data:`MAX_MISSING_RUN` in a row and
     :data:`MAX_MISSING_FRACTION` of the slices in all are interpolated, with a warning; more is refused.
@@ -466,26 +552,31 @@ def repair_lost_slices(volume: np.ndarray, report: InputReport, path: str | os.P
     Raises:
         DamagedImageError: too many slices lost, or too many in a row.
     """
-    lost = lost_slices(volume)
+    blank = lost_slices(volume)
+    off = np.setdiff1d(np.asarray([] if off_scale is None else off_scale, dtype=np.int64), blank)
+    lost = np.union1d(blank, off).astype(np.int64)
     if lost.size == 0:
         return volume
+    how = " or ".join(filter(None, ["blank or no finite value" if blank.size else "",
+                                    "on another intensity scale: a wrong rescale in their headers?" if off.size
+                                    else ""]))
     n = volume.shape[-1]
     runs = _runs(lost)
     first, last = max(runs, key=lambda r: r[1] - r[0])
     if last - first + 1 > MAX_MISSING_RUN:
         raise DamagedImageError(
-            f"{last - first + 1} slices lost in a row (index {first} to {last}: blank or no finite value); at most "
+            f"{last - first + 1} slices lost in a row (index {first} to {last}: {how}); at most "
             f"{MAX_MISSING_RUN} in a row are interpolated", path)
     if lost.size > MAX_MISSING_FRACTION * n:
         raise DamagedImageError(
-            f"{lost.size} of {n} slices lost ({100 * lost.size / n:.1f} %: blank or no finite value); at most "
+            f"{lost.size} of {n} slices lost ({100 * lost.size / n:.1f} %: {how}); at most "
             f"{100 * MAX_MISSING_FRACTION:g} % are interpolated", path)
     vol = volume.astype(np.float32, copy=True)
     bad = np.zeros(vol.shape, dtype=bool)
     bad[..., lost] = True
     _fill_along_z(vol, bad)
     where = ", ".join(str(int(k)) for k in lost[:5]) + (" ..." if lost.size > 5 else "")
-    report.warn(f"{lost.size} lost slice{'s' if lost.size > 1 else ''} (blank or no finite value) at index {where} "
+    report.warn(f"{lost.size} lost slice{'s' if lost.size > 1 else ''} ({how}) at index {where} "
                 "filled by interpolation between their neighbours")
     return vol
 

@@ -22,6 +22,7 @@ from monai.transforms import Orientation
 from monai_ext.errors import CorruptImageError, NotAVolumeError, NotCTError
 from monai_ext.io.checks import (
     InputReport,
+    check_hu_scale,
     default_max_memory,
     nifti_form_warnings,
     nifti_nonfinite_mask,
@@ -141,7 +142,8 @@ def read_ct(path: str | os.PathLike, series_uid: str | None = None, orientation:
         if nifti_bad is not None and nifti_bad.shape == array.shape:  # SimpleITK read them as 0
             array = array.astype(np.float32, copy=False)
             array[nifti_bad] = np.nan
-    array = repair_lost_slices(array, report, path)  # whole slices lost: the rule of missing DICOM slices
+    off_scale = check_hu_scale(array, path)  # a wrong rescale: refused, or its slices lost
+    array = repair_lost_slices(array, report, path, off_scale)  # whole slices lost: the rule of missing DICOM slices
     meta["filename_or_obj"] = str(Path(path))
     img = MetaTensor(torch.from_numpy(array).to(dtype)[None], meta=meta)
     if orientation is not None:

@@ -296,3 +296,34 @@ def test_lost_slices_are_missing_slices(tmp_path, small_real_ct):
     padded = vol.copy()
     padded[:, :, :3] = -1024  # blank slices at the ends are padding, not lost data
     assert read_ct(_nifti(padded, affine, tmp_path / "padded.nii.gz"))[1].warnings == []
+
+
+def test_values_off_the_hounsfield_scale(tmp_path, small_real_ct, slab, ct_series):
+    """A wrong rescale or scale factor (the damaged-corpus script found these graded silently): the whole volume
+    off the scale is refused; slices on another scale are lost slices (interpolated or refused)."""
+    import pydicom
+
+    from monai_ext.errors import NotCTError
+
+    vol, affine = small_real_ct
+    hu = vol.astype(np.float32)
+    with pytest.raises(NotCTError, match=r"below -1100 HU, where air is -1000 HU: a wrong scale factor"):
+        load_ct(_nifti(2 * hu, affine, tmp_path / "scl_slope_2.nii.gz"))  # scl_slope 2 on HU values
+    with pytest.raises(NotCTError, match=r"the body's most common value is 8\d0 HU .*wrong rescale slope"):
+        load_ct(_nifti(2 * hu + 1024, affine, tmp_path / "slope_2.nii.gz"))  # Rescale Slope 2 on HU + 1024
+    one = hu.copy()
+    one[:, :, 20] += 1024  # Rescale Intercept 0 instead of -1024 on one slice
+    ct, report = read_ct(_nifti(one, affine, tmp_path / "one.nii.gz"), orientation=None)
+    np.testing.assert_allclose(ct[0].numpy()[:, :, 20], (hu[:, :, 19] + hu[:, :, 21]) / 2, atol=1e-3)
+    assert report.warnings == ["1 lost slice (on another intensity scale: a wrong rescale in their headers?) at index "
+                               "20 filled by interpolation between their neighbours"]
+    series = ct_series(slab[0], tmp_path / "dicom", slab[1])
+    for f in sorted(series.iterdir())[18:21]:  # Rescale Intercept 1024 instead of 0 on three slices in a row
+        ds = pydicom.dcmread(f)
+        ds.RescaleIntercept = 1024
+        ds.save_as(f)
+    with pytest.raises(DamagedImageError, match=r"3 slices lost in a row \(index 18 to 20: on another intensity "
+                                                r"scale: a wrong rescale in their headers\?\)"):
+        load_ct(series)
+    intact = read_ct(ct_series(slab[0], tmp_path / "intact", slab[1]))[1]
+    assert intact.warnings == []
