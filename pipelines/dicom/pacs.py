@@ -183,18 +183,19 @@ def pull_study(client, uid: str, downloads: str | os.PathLike, out_dir: str | os
 
 
 def store_study(client, study: PacsStudy, study_dir: str | os.PathLike) -> list[str]:
-    """Send a graded study's SEG, SR and overview capture into its study on the server (STOW-RS).
+    """Send a graded study's SEG, SR and overview capture into its study on the server (STOW-RS). A series the
+    reader resampled has no SEG (``docs/dicom_outputs.md``): its SR and overview are sent.
 
     Returns:
         The SOP Instance UIDs stored.
 
     Raises:
-        CTSeverityError: the study has no SEG and SR, they belong to another study, or the server refused them.
+        CTSeverityError: the study has no SR, its outputs belong to another study, or the server refused them.
     """
     sdir = Path(study_dir)
     outputs = json.loads((sdir / "result.json").read_text()).get("outputs", {})
-    if not {"dicom_seg", "dicom_sr"} <= set(outputs):
-        raise CTSeverityError("no DICOM SEG and SR to store (see the warnings)", sdir)
+    if "dicom_sr" not in outputs:
+        raise CTSeverityError("no DICOM SR to store (see the warnings)", sdir)
     datasets = [pydicom.dcmread(sdir / outputs[k]) for k in STORED_OUTPUTS if k in outputs]
     for ds in datasets:
         if str(ds.StudyInstanceUID) != study.uid:

@@ -266,3 +266,26 @@ def test_multiframe_and_tilt_get_dicom_outputs_that_map_back(corpus, tmp_path, c
     assert len(evidence) == len(list((root / "gantry_tilt").iterdir()))  # the source slices, no SEG
     for file in ("sr.dcm", "overview.dcm"):
         assert dciodvfy(tilt / "dicom" / file) == [], file
+
+
+def test_a_study_without_seg_stores_its_sr_and_overview(corpus, tmp_path, capsys, monkeypatch):
+    """--store sends what a tilt-corrected study has: its SR and overview capture (no SEG); none without an SR."""
+    from monai_ext.errors import CTSeverityError
+    from pipelines.dicom import dicomweb
+    from pipelines.dicom.pacs import PacsStudy, store_study
+
+    out = tmp_path / "out"
+    assert main([*RUN[:-1], str(corpus["root"] / "gantry_tilt"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    sent = []
+    monkeypatch.setattr(dicomweb, "store_instances", lambda client, uid, datasets: sent.extend(datasets) or
+                        [ds.SOPInstanceUID for ds in datasets])
+    study_uid = str(pydicom.dcmread(next((corpus["root"] / "gantry_tilt").iterdir())).StudyInstanceUID)
+    stored = store_study(None, PacsStudy(study_uid), out / "gantry_tilt")
+    assert sorted(ds.Modality for ds in sent) == ["OT", "SR"] and len(stored) == 2
+    result = out / "gantry_tilt" / "result.json"
+    data = json.loads(result.read_text())
+    del data["outputs"]["dicom_sr"]
+    result.write_text(json.dumps(data))
+    with pytest.raises(CTSeverityError, match="no DICOM SR to store"):
+        store_study(None, PacsStudy(study_uid), out / "gantry_tilt")
