@@ -94,7 +94,7 @@ def base_figures(ct, lung: np.ndarray) -> dict:
             "organ_with_rim_ml": round(float(with_rim.sum()) * voxel_ml, 2), "soft_per_10mm_ml": slabs}
 
 
-def retention(path: Path, after: str, seed: int = 11) -> list[dict]:
+def retention(path: Path, after: str, seed: int = 11, before: str = "before") -> list[dict]:
     """Share of inserted lesion voxels inside the masks, per load and lesion kind."""
     import torch
     from monai.data import MetaTensor
@@ -114,10 +114,10 @@ def retention(path: Path, after: str, seed: int = 11) -> list[dict]:
                                affine=torch.as_tensor(phantom_affine(v.image.shape, v.spacing)))
             les = v.lesion > 0
             row = {"kind": kind, "load_percent": load}
-            for which in ("before", after):
+            for key, which in (("before", before), ("after", after)):
                 m = np.asarray((LungMask(backend="threshold", remove_organs=False) if which == "before"
                                 else LungMask(backend=which))(image)[0]) > 0
-                row[which if which == "before" else "after"] = round(float(m[les].mean()), 4)
+                row[key] = round(float(m[les].mean()), 4)
             rows.append(row)
     return rows
 
@@ -168,6 +168,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ct", nargs="*", help="names of REAL_CT to measure (default: all)")
+    p.add_argument("--before", default="before",
+                   help="backend of the 'before' mask (default: the threshold mask without the organ-dome removal)")
     p.add_argument("--after", default="auto", help="backend of the 'after' mask (default auto)")
     p.add_argument("--json", help="write the numbers here")
     p.add_argument("--figure", help="write the lung-base figure here (PNG)")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         rel, publish = REAL_CT[name]
         ct = load_ct(shared_data() / rel)
-        before, t_before = mask_of(ct, "before")
+        before, t_before = mask_of(ct, args.before)
         after, t_after = mask_of(ct, args.after)
         entry = {"before": {**base_figures(ct, before), "seconds": round(t_before, 1)},
                  "after": {**base_figures(ct, after), "seconds": round(t_after, 1)},
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in EVALUATION_CT:
             if name not in names:
                 continue
-            res = retention(shared_data() / REAL_CT[name][0], args.after)
+            res = retention(shared_data() / REAL_CT[name][0], args.after, before=args.before)
             results["retention"][name] = res
             rrows += [[name, r["kind"], r["load_percent"], r["before"], r["after"]] for r in res]
         print()

@@ -328,7 +328,8 @@ def _ellipsoid(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
 
 
 def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask: np.ndarray,
-                           core_mm: float = 2.5, name: object | None = None) -> np.ndarray:
+                           core_mm: float = 2.5, name: object | None = None, prob: np.ndarray | None = None,
+                           organ_confidence: float = 0.9, aerated_hu: float = -700.0) -> np.ndarray:
     """The network's lung where the threshold mask has none, on the threshold mask.
 
     The threshold mask (:func:`~monai_ext.transforms.lung.threshold_lung_mask`: aerated lung at
@@ -339,7 +340,12 @@ def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask
     two coarse canvas pixels by which the network's boundary overshoots the lung along the
     diaphragm and the chest wall do not come in, while a consolidation keeps its whole extent; and
     only added regions that touch the threshold mask are kept (a lesion spreads from aerated lung,
-    a stray blob of the network inside the liver does not touch it).
+    a stray blob of the network inside the liver does not touch it). Last, added tissue that rises
+    from the abdomen through the diaphragm (the column criterion of
+    :func:`~monai_ext.transforms.organs.organ_intrusion`, dense part) stays only where the network
+    is at least ``organ_confidence`` sure of it: basal consolidation on the diaphragm is continuous
+    with the liver by that criterion and the network tells it apart, while the liver and spleen
+    domes it is unsure of go, with their partial-volume rims.
 
     Args:
         canon: canonical CT in HU (x left, y posterior, z superior).
@@ -347,6 +353,10 @@ def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask
         net_mask: the network's lung mask on the same grid.
         core_mm: half the thickness below which an added region is dropped.
         name: what to call the input in error messages.
+        prob: the network's lung probability on the same grid (default: the organ rule is not applied).
+        organ_confidence: probability below which added tissue rising from the abdomen is dropped.
+        aerated_hu: the network adds no voxel below this (after a 1 mm Gaussian): aerated lung is the
+            threshold mask's, and air it left out is airway, gas or outside air.
 
     Returns:
         Boolean lung mask.
@@ -358,7 +368,11 @@ def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask
         base = threshold_lung_mask(canon, spacing, name=name, min_lung_ml=0.0) > 0
     except _NoLung:  # no aerated lung at all: the network's mask alone
         base = np.zeros(net_mask.shape, dtype=bool)
-    extra = net_mask & ~base
+    # the network adds only what a threshold cannot see, tissue denser than aerated lung: air it marks
+    # beyond the threshold mask is airway, gas or air outside the lung, which that mask leaves out on purpose
+    dense = ndimage.gaussian_filter(canon.astype(np.float32), [1.0 / s for s in spacing]) > aerated_hu
+    extra = net_mask & ~base & dense
+    del dense
     if extra.any():
         idx = [np.flatnonzero(extra.any(axis=tuple(a for a in range(3) if a != d))) for d in range(3)]
         pad = [int(np.ceil((core_mm + 1.0) / s)) + 1 for s in spacing]
@@ -370,7 +384,14 @@ def combine_with_threshold(canon: np.ndarray, spacing: Sequence[float], net_mask
         comp, n = ndimage.label(grown)
         if n:
             touching = np.unique(comp[ndimage.binary_dilation(base[box]) & grown])
-            base[box] |= np.isin(comp, touching[touching > 0])
+            added = np.isin(comp, touching[touching > 0]) & ~base[box]
+            base[box] |= added
+            if prob is not None and added.any():
+                from monai_ext.transforms.organs import organ_intrusion_canonical
+
+                organ = organ_intrusion_canonical(canon, base, spacing)  # with its partial-volume rim
+                base[organ & (prob < organ_confidence) & np.pad(added, [(b.start, n - b.stop) for b, n in
+                                                                        zip(box, base.shape)])] = False
     return base
 
 
@@ -403,7 +424,7 @@ def net_lung_mask(volume_xyz: np.ndarray, spacing: Sequence[float], *, affine: n
     canon, cspacing, forward, backward = canonical_view(np.asarray(volume_xyz), spacing, affine)
     prob = lung_probability(canon, cspacing, net, batch_size=batch_size)
     voxel_ml = float(np.prod(cspacing)) / 1000.0
-    mask = combine_with_threshold(canon, cspacing, prob > 0.5, name=name)
+    mask = combine_with_threshold(canon, cspacing, prob > 0.5, name=name, prob=prob)
     mask = _keep_lungs(mask, voxel_ml)
     total = float(np.count_nonzero(mask)) * voxel_ml
     if total < min_lung_ml:

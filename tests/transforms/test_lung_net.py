@@ -191,3 +191,27 @@ def test_dense_lesions_at_85_percent_stay_in_the_mask(evaluation_ct, name, share
     mask = np.asarray(LungMask()(image)[0]) > 0
     kept = float(mask[v.lesion > 0].mean())
     assert kept >= 0.80, kept
+
+
+def test_network_adds_dense_lesion_but_not_air_beyond_the_threshold_mask():
+    """:func:`combine_with_threshold` on a phantom: the lateral 20 mm of the right lung made consolidation
+    (40 HU, lost by the threshold mask against the chest wall) and the trachea (air the threshold mask leaves
+    out on purpose) both marked lung by a stand-in network output; the consolidation comes in, the air does
+    not."""
+    from monai_ext.data import synthetic_chest_ct
+    from monai_ext.transforms.lung import threshold_lung_mask
+    from monai_ext.transforms.lung_net import combine_with_threshold
+
+    ct = synthetic_chest_ct((128, 128, 48), (2.5, 2.5, 5.0), seed=3)
+    image, lung, spacing = ct.image.astype(np.float32), ct.lung > 0, ct.spacing
+    trachea = ct.masks["trachea"] > 0
+    xs = np.flatnonzero(lung.any(axis=(1, 2)))
+    lesion = lung & (np.arange(lung.shape[0])[:, None, None] < xs[0] + round(20.0 / spacing[0]))
+    image[lesion] = 40.0
+    assert lesion.sum() > 1000
+    before = threshold_lung_mask(image, spacing) > 0
+    assert before[lesion].mean() < 0.5  # the threshold mask loses most of it
+    combined = combine_with_threshold(image, spacing, lung | trachea)
+    assert combined[lesion].mean() >= 0.9
+    assert not (combined & trachea & ~before).any()
+    assert np.count_nonzero(combined & ~(lung | before)) == 0
