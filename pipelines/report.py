@@ -6,6 +6,12 @@ and, when truth is given (:func:`read_truth`), the agreement with it: a 5x5 grad
 matrix, a scatter of predicted against true lesion percentages, grade accuracy, within-one-grade
 rate, lesion-% mean absolute error and Pearson r (:func:`agreement`).
 
+The page works offline: no script, font, stylesheet or image is fetched (a Content-Security-Policy
+allows only the embedded images and the inline style), the system's sans-serif font is used, and a
+study's thumbnail and name are relative links to its full ``overview.png``. It prints on A4
+(``@page { size: A4 }``): the study table starts on a new page and fits its width without shrinking,
+its header repeats on every page and no row is split between pages.
+
 Example:
     >>> from pipelines.report import agreement
     >>> a = agreement([(10.0, "CT-1", 12.0, "CT-1"), (40.0, "CT-2", 60.0, "CT-3")])
@@ -23,6 +29,7 @@ import io
 import json
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -287,7 +294,29 @@ tr.warned td{background:#fff4dc} .warn{color:#a15c00;font-weight:600}
 .figs{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
 table.conf td{width:46px;text-align:center} table.conf th{text-align:center}
 table.conf td.diag{outline:2px solid #2a7d3a;outline-offset:-2px}
+.studies td.name{overflow-wrap:anywhere;max-width:240px} .studies a{color:inherit}
+.sub.path{overflow-wrap:anywhere}
+@page{size:A4;margin:12mm 10mm}
+@media print{
+*{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+body{margin:0;max-width:none;font-size:9pt}
+h1{font-size:15pt} h2{font-size:12pt;margin:14px 0 6px;break-after:avoid}
+.cards{margin:8px 0} .card{padding:4px 10px} .card b{font-size:14pt}
+.figs img{max-width:100%%;height:auto} .figs{break-inside:avoid}
+table.studies{width:100%%;font-size:8pt;table-layout:auto}
+.studies th,.studies td{padding:2px 4px} .studies img{width:%(tw_print)s}
+.studies td.name{max-width:none;min-width:30mm} .studies .sub{font-size:7pt} .err,.wrn{max-width:none;font-size:7.5pt}
+.studies a{text-decoration:none}
+thead{display:table-header-group} tr{break-inside:avoid} h2.studies{break-before:page}
+}
 """
+
+#: width of the study thumbnails on a printed A4 page (the table then fits the page with eleven columns)
+_THUMBNAIL_PRINT_WIDTH = "32mm"
+
+#: nothing but the embedded images and the inline style may load: the report stays complete offline, and a
+#: browser refuses (and reports) anything else
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def _confusion_html(conf: Sequence[Sequence[int]]) -> str:
@@ -346,10 +375,15 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
     agree = agreement(pairs) if truth is not None else None
 
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_CSS % {'tw': THUMBNAIL_WIDTH}}</style></head><body>",
+    css = _CSS % {"tw": THUMBNAIL_WIDTH, "tw_print": _THUMBNAIL_PRINT_WIDTH}
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+             f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             "<link rel='icon' href='data:,'>",  # no favicon request
+             f"<title>{html.escape(title)}</title>",
+             f"<style>{css}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
-             f"<div class='sub'>{html.escape(str(out.resolve()))} &middot; written {now}</div>"]
+             f"<div class='sub path'>{html.escape(str(out.resolve()))} &middot; written {now}</div>"]
     cards = [("studies", str(len(rows)), ""), ("graded", str(len(ok_rows)), "good" if ok_rows else ""),
              ("failed", str(len(failed)), "bad" if failed else "")]
     if warned:
@@ -396,22 +430,28 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
             parts.append(f"<img alt='lesion percent scatter' src='data:image/png;base64,{_scatter(points)}'>")
             parts.append("</div>")
 
-    parts.append("<h2>Studies</h2>")
+    parts.append("<h2 class='studies'>Studies</h2>")  # printed: the table starts on a page of its own
     note = ("Thumbnails: axial slices in the lung window (anterior up, patient's right on the left); cyan: lung "
-            "contour, orange/yellow: heatmap, red: lesion contours. Click a thumbnail for the full overview.png.")
+            "contour, orange/yellow: heatmap, red: lesion contours. Click a thumbnail or a study's name for its full "
+            "overview.png.")
     if truth is not None:
         note += " Grades in green match the truth, in red they differ."
     parts.append(f"<p class='note'>{note}</p>")
     head = ["overview", "study", "status", "grade"] + (["true grade"] if truth is not None else []) + \
         ["lesion %"] + (["true %"] if truth is not None else []) + \
         ["lung ml", "lesion ml", "lesions", "method", "seconds"]
-    parts.append("<table class='studies'><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    parts.append("<table class='studies'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead>"
+                 "<tbody>")
     for r in rows:
         study = str(r["study"])
         is_ok = r.get("status") == "ok"
-        thumb = _thumbnail_b64(out / study / "overview.png") if is_ok else None
-        img = (f"<a href='{html.escape(study)}/overview.png'><img alt='{html.escape(study)}' "
-               f"src='data:image/png;base64,{thumb}'></a>") if thumb else ""
+        overview = out / study / "overview.png"
+        thumb = _thumbnail_b64(overview) if is_ok else None
+        # relative to report.html, so that the link works wherever the batch folder is copied
+        href = html.escape(urllib.parse.quote(f"{study}/overview.png"))
+        has_overview = is_ok and overview.is_file()
+        img = (f"<a href='{href}' title='open the full overview'><img alt='{html.escape(study)}' "
+               f"src='data:image/png;base64,{thumb}'></a>") if thumb and has_overview else ""
         t = (truth or {}).get(study) if truth is not None else None
         grade = html.escape(str(r.get("grade") or "")) if is_ok else "&ndash;"
         if t is not None and is_ok and t.get("grade"):
@@ -422,7 +462,8 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
             items = "".join(f"<div>{html.escape(w.strip())}</div>" for w in str(r["warnings"]).split("; "))
             status = f"<span class='warn'>ok, with warnings</span><div class='wrn'>{items}</div>"
         name = html.escape(Path(str(r.get("input"))).name)
-        cells = [img, f"<b>{html.escape(study)}</b><div class='sub'>{name}</div>", status, grade]
+        label = f"<a href='{href}'>{html.escape(study)}</a>" if has_overview else html.escape(study)
+        cells = [img, f"<b>{label}</b><div class='sub'>{name}</div>", status, grade]
         if truth is not None:
             cells.append(html.escape(str(t.get("grade") or "")) if t else "&ndash;")
         cells.append(_fmt(r.get("lesion_percent")))
@@ -431,10 +472,11 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, object]
         cells += [_fmt(r.get("lung_volume_ml"), 0), _fmt(r.get("lesion_volume_ml"), 1),
                   _fmt(r.get("n_lesions"), 0), html.escape(str(r.get("method") or "")), _fmt(r.get("seconds"), 1)]
         numeric = {"lesion %", "true %", "lung ml", "lesion ml", "lesions", "seconds"}
-        tds = "".join(f"<td class='n'>{c}</td>" if h in numeric else f"<td>{c}</td>" for h, c in zip(head, cells))
+        tds = "".join(f"<td class='n'>{c}</td>" if h in numeric else f"<td class='name'>{c}</td>" if h == "study"
+                      else f"<td>{c}</td>" for h, c in zip(head, cells))
         row_class = "failed" if not is_ok else "warned" if r.get("warnings") else "study-ok"
         parts.append(f"<tr class='{row_class}'>{tds}</tr>")
-    parts.append("</table>")
+    parts.append("</tbody></table>")
     parts.append("<p class='note'>Per study: heatmap.nii.gz, lesion_mask.nii.gz and lung_mask.nii.gz on the input "
                  "grid, result.json (lesions, per-slice probabilities, timings); all rows in results.csv.</p>")
     parts.append("</body></html>")

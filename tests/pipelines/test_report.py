@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -101,8 +102,9 @@ def test_report_with_truth_is_self_contained(tmp_path):
     truth = {"s1": {"lesion_percent": 0.0, "grade": "CT-0"}, "s2": {"lesion_percent": 28.0, "grade": "CT-2"},
              "s3": {"lesion_percent": 60.0, "grade": "CT-3"}}
     text = write_report(tmp_path, rows, truth=truth).read_text()
-    for study in ("s0_broken", "s1", "s2", "s3"):
-        assert f"<b>{study}</b>" in text
+    assert "<b>s0_broken</b>" in text  # failed: no overview to open
+    for study in ("s1", "s2", "s3"):  # the name opens the overview, as the thumbnail does
+        assert f"<b><a href='{study}/overview.png'>{study}</a></b>" in text
     assert "the gzip stream ends early" in text
     srcs = _images(text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing to fetch
@@ -119,3 +121,16 @@ def test_report_without_truth_has_no_agreement(tmp_path):
     text = write_report(tmp_path, _fake_batch(tmp_path)).read_text()
     assert "class='conf'" not in text and "scatter" not in text and "Agreement" not in text
     assert len(_images(text)) == 3 + 1  # thumbnails and the grade chart
+
+
+def test_report_links_each_study_to_its_own_overview(tmp_path):
+    """The link is relative and URL-quoted: a study name with a space, '#' or a quote still opens its overview."""
+    rows = [dict(r, study="case 2#b'") if r["study"] == "s2" else r for r in _fake_batch(tmp_path)]
+    (tmp_path / "s2").rename(tmp_path / "case 2#b'")
+    text = write_report(tmp_path, rows).read_text()
+    hrefs = re.findall(r"href='([^']*)'", text)
+    assert "case%202%23b%27/overview.png" in hrefs and "s1/overview.png" in hrefs
+    for h in hrefs:
+        if not h.startswith("data:"):
+            assert (tmp_path / urllib.parse.unquote(h)).is_file(), h
+    assert "s0_broken/overview.png" not in text  # a failed study has no overview
