@@ -268,6 +268,44 @@ def test_report_prints_on_a4_with_whole_tables(small_run, tmp_path):
     assert seconds and seconds[0][2] < A4_PT[0] - 28  # the last column inside the right margin (10 mm)
 
 
+def test_a_long_study_table_prints_page_after_page(tmp_path):
+    """25 studies (written as a run leaves them, without running one), a DICOM UID as a name, warnings: the table
+    goes on over several A4 pages, each with the column headers, no row split, no page shrunk to fit."""
+    from pipelines.batch import collect_rows
+    from pipelines.report import write_report
+
+    out = tmp_path / "out"
+    names = [f"study_{k:02d}" for k in range(24)] + ["1.2.826.0.1.3680043.8.498.1234567890123456789012345678901"]
+    warning = "200 NaN/infinite voxels inside the body (0.07 % of it, on 34 slices) filled by interpolation"
+    for k, name in enumerate(names):
+        (out / name).mkdir(parents=True)
+        Image.fromarray(np.full((400, 960, 3), 40 + 8 * k, np.uint8)).save(out / name / "overview.png")
+        result = {"study": name, "input": f"/data/{name}", "status": "ok", "method": "hirescam",
+                  "lesion_percent": 2.0 * k, "grade": "CT-1" if k else "CT-0", "lung_volume_ml": 4000.0,
+                  "lesion_volume_ml": 80.0 * k, "n_lesions": k, "timings_s": {"total": 3.5},
+                  "warnings": [warning] if k % 5 == 0 else []}
+        (out / name / "result.json").write_text(json.dumps(result))
+    pdf = tmp_path / "report.pdf"
+    write_report(out, collect_rows(out))
+    console, requests = _open(out / "report.html", tmp_path / "chromium", "--no-pdf-header-footer",
+                              f"--print-to-pdf={pdf}")
+    assert console == [] and requests == []
+    pages = _pdf_pages(pdf)
+    table_pages = [p for p in pages if any(r[0].startswith("study_") for r in p["runs"])]
+    assert len(table_pages) >= 2 and pages[-1] is table_pages[-1]
+    for page in pages:
+        assert all(abs(a - b) < 1 for a, b in zip(page["mediabox"][2:], A4_PT))
+        assert max(r[2] for r in page["runs"]) < A4_PT[0] - 28  # inside the right margin
+    for page in table_pages:
+        assert sum(r[0] == "seconds" for r in page["runs"]) == 1  # the header row on every page of the table
+    assert [r for r in pages[0]["runs"] if r[0] == "ct-severity report"][0][4] == pytest.approx(15, abs=0.2)
+    names_on = [{r[0] for r in p["runs"]} for p in table_pages]
+    for k, name in enumerate(names[:-1]):  # each row whole on one page: its name, file name and lesion volume
+        on = [i for i, words in enumerate(names_on) if name in words]
+        assert len(on) == 1 and f"{80.0 * k:.1f}" in names_on[on[0]], name
+    assert names[-1] in "".join(r[0] for p in table_pages for r in p["runs"])  # wrapped in its column, not cut
+
+
 def test_the_browser_checks_see_external_resources_and_errors(tmp_path):
     """A page that loads a script, a web font and an image from the network, and has a script error."""
     page = tmp_path / "bad.html"
