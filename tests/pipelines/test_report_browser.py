@@ -5,8 +5,9 @@ and its report is opened from disk with every host name unresolvable and the net
 message, no request beyond the file itself; the 1280x900 screenshot is not blank; every image is embedded and
 each study's thumbnail and name link to its own ``overview.png``. Printed to PDF, every page is A4 (595x842 pt),
 the summary, the agreement with truth and the study table take one page each, and the table keeps all its
-columns at full size (its text read back from the PDF). A page with an external script, font and image and a
-script error shows that these checks see what they look for.
+columns at full size (its text read back from the PDF); a table of 25 studies goes on over A4 pages with its
+headers on each and no row split. A page with an external script, font and image and a script error shows that
+these checks see what they look for.
 
 Chromium is required, as dciodvfy is for the DICOM tests: without it the tests fail, naming the package.
 """
