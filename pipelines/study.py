@@ -53,7 +53,8 @@ from pipelines.severity import (
 )
 
 __all__ = ["PipelineConfig", "process_study", "resolve_calibration", "is_complete", "DEFAULT_CALIBRATION", "Evidence",
-           "compute_evidence", "lesion_mask", "study_time_limit", "check_time"]
+           "compute_evidence", "lesion_mask", "study_time_limit", "check_time", "Prepared", "Inferred",
+           "prepare_study", "infer_slices", "assemble_evidence", "write_study"]
 
 #: used when a bundle carries no calibration
 DEFAULT_CALIBRATION = {"threshold": 0.3, "min_lesion_ml": 0.5, "lesion_rule": "heatmap-relative", "slice_gate": 0.5,
@@ -191,12 +192,15 @@ _DEADLINE = threading.local()
 
 
 @contextlib.contextmanager
-def study_time_limit(seconds: float | None) -> Iterator[None]:
+def study_time_limit(seconds: float | None, started: float | None = None) -> Iterator[None]:
     """Limit the time of the study run inside the block (in this thread) to ``seconds`` (``None``: no limit).
 
     The limit is checked by :func:`check_time` between the pipeline's stages and attribution batches, so
     a study stops at the first check past it, and before any output is written as complete. The input is read
     in a child process killed when the limit passes (a hanging reader cannot be interrupted in this process).
+
+    ``started`` (a ``time.time()``) counts the limit from that moment instead of from entering the block:
+    a study whose stages run as separate tasks, possibly in other processes, has one limit over all of them.
 
     Example::
 
@@ -204,7 +208,8 @@ def study_time_limit(seconds: float | None) -> Iterator[None]:
             process_study(study, "out", config, model)   # StudyTimeoutError after 10 minutes
     """
     before = getattr(_DEADLINE, "value", None)
-    _DEADLINE.value = (time.monotonic() + seconds, seconds) if seconds else None
+    spent = 0.0 if started is None else time.time() - started
+    _DEADLINE.value = (time.monotonic() + seconds - spent, seconds) if seconds else None
     try:
         yield
     finally:
@@ -296,22 +301,67 @@ class Evidence:
     warnings: list[str] = field(default_factory=list)
 
 
-def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
-                     density_delta_hu: float = DEFAULT_DELTA_HU, study_call: float = 0.0,
-                     loaded: tuple | None = None) -> Evidence:
-    """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
+@dataclass
+class Prepared:
+    """A study after the CPU stage that precedes the network (:func:`prepare_study`): the CT, its lung
+    mask and the classifier's slices.
 
-    For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1): lung voxels
-    ``density_delta_hu`` above the study's normal lung level. A study whose probability is below
-    ``study_call`` has no lesion whatever its maps (:func:`lesion_mask`), so its slices are not attributed
-    and its heatmap is zero (calibration passes 0 to see every study's maps). ``loaded``: the study as
-    :func:`~monai_ext.io.read_ct` already read it (``(ct, report)``), not read again.
+    Attributes:
+        ct: the CT, a MetaTensor (1, X, Y, Z) oriented to RAS.
+        hu: its voxels in HU, (X, Y, Z).
+        lung: the lung mask (X, Y, Z), bool.
+        spacing: voxel spacing in mm.
+        stack: the lung slices for the classifier (a :class:`~monai_ext.transforms.slices.SliceStack`);
+            ``None`` for ``method="density"``.
+        heat: ``method="density"`` only: the abnormal-attenuation map (0/1), which needs no network.
+        timings: seconds per stage so far.
+        warnings: repairs of the input and lung extent warnings.
     """
-    from monai_ext.transforms.slices import extract_slices, paste_slices
 
-    config.validate()
-    if model is None and config.method != "density":
-        raise ValueError(f"method {config.method!r} needs a model")
+    ct: object
+    hu: np.ndarray
+    lung: np.ndarray
+    spacing: list[float]
+    stack: object | None
+    heat: np.ndarray | None
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Inferred:
+    """What the network stage (:func:`infer_slices`) gives for one study's slices.
+
+    Attributes:
+        probs: (N,) lesion probability of each slice.
+        maps: (N, 1, S, S) attribution maps of the lesion class (zeros for slices not attributed).
+        study_probability: the study's lesion probability (:func:`pipelines.bundle.study_probability`).
+        timings: seconds of ``classify`` and ``attribution``.
+    """
+
+    probs: torch.Tensor
+    maps: torch.Tensor
+    study_probability: float
+    timings: dict[str, float]
+
+
+def prepare_study(study: Study, config: PipelineConfig, slice_kwargs: dict | None,
+                  density_delta_hu: float = DEFAULT_DELTA_HU, loaded: tuple | None = None) -> Prepared:
+    """CPU stage before the network: load the study, segment its lungs, extract the classifier's slices.
+
+    Args:
+        study: the study.
+        config: run settings (input options, lung mask backend, memory budget, method).
+        slice_kwargs: the model's :attr:`~pipelines.bundle.LoadedModel.slice_kwargs` (``None`` for ``density``).
+        density_delta_hu: ``method="density"``: rise above the normal lung level counted as abnormal.
+        loaded: the study as :func:`~monai_ext.io.read_ct` already read it (``(ct, report)``), not read again;
+            otherwise it is read, under a time limit in a child process stopped at the limit.
+
+    Raises:
+        CTSeverityError subclasses for unreadable or unsuitable input.
+    """
+    from monai_ext.transforms.slices import extract_slices
+
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     ct, report = _read_within_limit(study, config) if loaded is None else loaded
@@ -329,25 +379,75 @@ def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | 
         t0 = time.perf_counter()
         heat = relative_attenuation(hu, lung, spacing, density_delta_hu).astype(np.float32)
         t["attribution"] = time.perf_counter() - t0
-        return Evidence(ct, hu, lung, heat, spacing, [], float("nan"), t, warnings)
+        return Prepared(ct, hu, lung, spacing, None, heat, t, warnings)
     check_time("slice classification")
     t0 = time.perf_counter()
-    stack = extract_slices(ct, lung_t, spacing, **model.slice_kwargs)
+    stack = extract_slices(ct, lung_t, spacing, **(slice_kwargs or {}))
     t["slices"] = time.perf_counter() - t0
+    return Prepared(ct, hu, lung, spacing, stack, None, t, warnings)
+
+
+def infer_slices(images: torch.Tensor, config: PipelineConfig, model: LoadedModel, slice_gate: float = 0.5,
+                 study_call: float = 0.0) -> Inferred:
+    """Network stage of one study: classify its slices, attribute those scored positive.
+
+    The slices go through the network in the same batches whichever stage or process runs this (the
+    classifier in batches of ``max(batch_size, 32)``, the attribution in batches of ``batch_size`` of the
+    positive slices), so the maps are bit for bit those of :func:`compute_evidence`.
+    """
+    t: dict[str, float] = {}
     t0 = time.perf_counter()
-    probs = predict_slices(model.network, stack.images, batch_size=max(config.batch_size, 32), device=model.device)
+    probs = predict_slices(model.network, images, batch_size=max(config.batch_size, 32), device=model.device)
     t["classify"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     p_study = study_probability(probs)
-    maps = _attribute(model, config, stack.images, probs, slice_gate if p_study >= study_call else float("inf"))
+    maps = _attribute(model, config, images, probs, slice_gate if p_study >= study_call else float("inf"))
     t["attribution"] = time.perf_counter() - t0
+    return Inferred(probs, maps, p_study, t)
+
+
+def assemble_evidence(prepared: Prepared, inferred: Inferred | None) -> Evidence:
+    """CPU stage after the network: maps back on the CT grid, times the lung mask, normalized over the study
+    (``inferred`` is ``None`` for ``method="density"``)."""
+    from monai_ext.transforms.slices import paste_slices
+
+    p = prepared
+    t = dict(p.timings)
+    if inferred is None:
+        return Evidence(p.ct, p.hu, p.lung, p.heat, p.spacing, [], float("nan"), t, p.warnings)
+    t.update(inferred.timings)
     t0 = time.perf_counter()
-    raw = paste_slices(maps, stack).numpy() * lung
+    raw = paste_slices(inferred.maps, p.stack).numpy() * p.lung
     # no positive slice (or no evidence at all): nothing to normalize, the study has no lesion
-    heat = np.asarray(normalize_study(raw, lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
+    heat = np.asarray(normalize_study(raw, p.lung), dtype=np.float32) if (raw > 0).any() else np.zeros_like(raw)
     t["normalize"] = time.perf_counter() - t0
-    slice_info = [{"index": int(z), "probability": round(float(p), 5)} for z, p in zip(stack.indices, probs)]
-    return Evidence(ct, hu, lung, heat, spacing, slice_info, p_study, t, warnings)
+    slice_info = [{"index": int(z), "probability": round(float(q), 5)}
+                  for z, q in zip(p.stack.indices, inferred.probs)]
+    return Evidence(p.ct, p.hu, p.lung, heat, p.spacing, slice_info, inferred.study_probability, t, p.warnings)
+
+
+def compute_evidence(study: Study, config: PipelineConfig, model: LoadedModel | None, slice_gate: float = 0.5,
+                     density_delta_hu: float = DEFAULT_DELTA_HU, study_call: float = 0.0,
+                     loaded: tuple | None = None) -> Evidence:
+    """Load a study, segment its lungs, classify its slices and compute the study-normalized heatmap.
+
+    For ``method="density"`` the heatmap is the abnormal-attenuation mask (0/1): lung voxels
+    ``density_delta_hu`` above the study's normal lung level. A study whose probability is below
+    ``study_call`` has no lesion whatever its maps (:func:`lesion_mask`), so its slices are not attributed
+    and its heatmap is zero (calibration passes 0 to see every study's maps). ``loaded``: the study as
+    :func:`~monai_ext.io.read_ct` already read it (``(ct, report)``), not read again.
+
+    The three stages in one call: :func:`prepare_study` (CPU), :func:`infer_slices` (network),
+    :func:`assemble_evidence` (CPU); :mod:`pipelines.stages` runs them as separate tasks.
+    """
+    config.validate()
+    if model is None and config.method != "density":
+        raise ValueError(f"method {config.method!r} needs a model")
+    prepared = prepare_study(study, config, None if model is None else model.slice_kwargs, density_delta_hu, loaded)
+    if config.method == "density":
+        return assemble_evidence(prepared, None)
+    check_time("slice classification")
+    return assemble_evidence(prepared, infer_slices(prepared.stack.images, config, model, slice_gate, study_call))
 
 
 def lesion_mask(evidence: Evidence, method: str, cal: dict) -> np.ndarray:
@@ -379,9 +479,30 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
     """
     t_all = time.perf_counter()
     cal = resolve_calibration(config, model)
+    (Path(out_dir) / study.study).mkdir(parents=True, exist_ok=True)
+    ev = compute_evidence(study, config, model, cal["slice_gate"], cal["density_delta_hu"], cal["study_call"])
+    return write_study(study, out_dir, config, model, cal, ev, time.perf_counter() - t_all)
+
+
+def write_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, model: LoadedModel | None,
+                cal: dict, ev: Evidence, seconds_before: float = 0.0) -> dict:
+    """CPU stage after the evidence: lesion mask, severity, the study's outputs and, last, ``result.json``.
+
+    Args:
+        study: the study.
+        out_dir: batch output folder (outputs in ``out_dir/<study>/``).
+        config: run settings.
+        model: the loaded model (its bundle, checksum and method defaults; ``None`` for ``density``).
+        cal: the calibration (:func:`resolve_calibration`).
+        ev: the study's evidence.
+        seconds_before: time the study took before this stage (``timings_s.total`` adds this stage's).
+
+    Returns:
+        The content of ``result.json``.
+    """
+    t_start = time.perf_counter()
     sdir = Path(out_dir) / study.study
     sdir.mkdir(parents=True, exist_ok=True)
-    ev = compute_evidence(study, config, model, cal["slice_gate"], cal["density_delta_hu"], cal["study_call"])
     t = dict(ev.timings)
     t0 = time.perf_counter()
     lesion = lesion_mask(ev, config.method, cal)
@@ -407,7 +528,7 @@ def process_study(study: Study, out_dir: str | os.PathLike, config: PipelineConf
                      f"({sev.lesion_percent:.1f} % of lung), {config.method}")
         outputs["overview"] = "overview.png"
         t["overview"] = time.perf_counter() - t0
-    t["total"] = time.perf_counter() - t_all
+    t["total"] = seconds_before + time.perf_counter() - t_start
 
     dens = config.method == "density"
     result = {
