@@ -60,6 +60,7 @@ from monai_ext.errors import CTSeverityError
 from monai_ext.io import atomic_write_text, is_disk_full
 from pipelines.bundle import LoadedModel, bundle_path, load_model
 from pipelines.discovery import Study, find_studies
+from pipelines.stages import PIPELINES, InFlight, default_max_in_flight, run_staged, run_staged_dask
 from pipelines.study import PipelineConfig, is_complete, process_study, study_time_limit
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "model_checksum",
     "inference_bundle",
     "TASK_RETRIES",
+    "study_failure",
+    "PIPELINES",
 ]
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,8 @@ class BatchSummary:
         report: path of ``report.html`` (``None`` when not written).
         fingerprint: settings fingerprint of the run (see :meth:`PipelineConfig.fingerprint`).
         seconds: wall time of the batch.
+        pipeline: ``per-study`` or ``staged``.
+        peak_in_flight: ``staged``: the most studies in flight at once (:class:`pipelines.stages.InFlight`).
     """
 
     out_dir: Path
@@ -126,6 +131,8 @@ class BatchSummary:
     report: Path | None = None
     fingerprint: str = ""
     seconds: float = 0.0
+    pipeline: str = "per-study"
+    peak_in_flight: int = 0
 
     @property
     def n_ok(self) -> int:
@@ -277,23 +284,35 @@ def run_study(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, 
         model = _get_model(config)
         with study_time_limit(timeout):
             result = process_study(study, out_dir, config, model)
-    except CTSeverityError as exc:
-        return _failure_row(study, config, time.perf_counter() - t0, _one_line(exc.reason))
     except Exception as exc:  # noqa: BLE001 - a study must not stop the batch
-        if is_disk_full(exc):  # no room for the outputs: none are kept, so none looks complete
-            shutil.rmtree(sdir, ignore_errors=True)
-            reason = (f"no room to write the outputs ({getattr(exc, 'strerror', None) or exc}: the disk is full or a "
-                      "file size limit or quota was reached); nothing of the study was kept")
-            log.error("%s: %s", study.study, reason)
-            return _failure_row(study, config, time.perf_counter() - t0, reason)
-        sdir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):  # the traceback is a help, not a result
-            atomic_write_text(sdir / "error.txt", f"study: {study.study}\ninput: {study.path}\n\n"
-                              + traceback.format_exc())
-        reason = _one_line(f"{type(exc).__name__}: {exc}")
-        log.debug("%s failed: %s", study.study, reason)
-        return _failure_row(study, config, time.perf_counter() - t0, reason)
+        return study_failure(study, out_dir, config, time.perf_counter() - t0, exc)
     return _row_from_result(result)
+
+
+def study_failure(study: Study, out_dir: str | os.PathLike, config: PipelineConfig, seconds: float,
+                  exc: Exception) -> dict[str, object]:
+    """The ``results.csv`` row of a study that raised ``exc``; call it in the ``except`` block.
+
+    A :class:`~monai_ext.errors.CTSeverityError` is recorded with its reason; no room to write removes the
+    study's folder (nothing of it looks complete); any other exception is recorded with its type name and
+    its traceback written to ``out_dir/<study>/error.txt``.
+    """
+    sdir = Path(out_dir) / study.study
+    if isinstance(exc, CTSeverityError):
+        return _failure_row(study, config, seconds, _one_line(exc.reason))
+    if is_disk_full(exc):  # no room for the outputs: none are kept, so none looks complete
+        shutil.rmtree(sdir, ignore_errors=True)
+        reason = (f"no room to write the outputs ({getattr(exc, 'strerror', None) or exc}: the disk is full or a "
+                  "file size limit or quota was reached); nothing of the study was kept")
+        log.error("%s: %s", study.study, reason)
+        return _failure_row(study, config, seconds, reason)
+    sdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # the traceback is a help, not a result
+        atomic_write_text(sdir / "error.txt", f"study: {study.study}\ninput: {study.path}\n\n"
+                          + traceback.format_exc())
+    reason = _one_line(f"{type(exc).__name__}: {exc}")
+    log.debug("%s failed: %s", study.study, reason)
+    return _failure_row(study, config, seconds, reason)
 
 
 def collect_rows(out_dir: str | os.PathLike, failures: Sequence[dict[str, object]] = ()) -> list[dict[str, object]]:
@@ -339,8 +358,12 @@ def _gpu_count(device: str) -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int):
-    """A dask client (and the cluster it owns, if any), torch threads per worker, and the worker device."""
+def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int, staged: bool = False):
+    """A dask client (and the cluster it owns, if any), torch threads per worker, and the worker device.
+
+    ``staged``: the workers of a cluster started here hold the device resource
+    (:data:`pipelines.stages.DEVICE_RESOURCE`) that the staged pipeline's device tasks ask for.
+    """
     from distributed import Client, LocalCluster
 
     if scheduler:
@@ -351,6 +374,7 @@ def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int
             raise CTSeverityError(f"cannot reach the dask scheduler: {_one_line(exc)}", scheduler) from None
     n_gpu = _gpu_count(device)
     n = max(1, min(workers, n_tasks))
+    extra = {"resources": {"GPU": 1}} if staged else {}
     if not log.isEnabledFor(logging.DEBUG):  # the cluster we start is an implementation detail: no INFO chatter
         logging.getLogger("distributed").setLevel(logging.WARNING)
     if n_gpu:
@@ -363,23 +387,40 @@ def _start_client(workers: int, scheduler: str | None, device: str, n_tasks: int
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         log.info("starting a LocalCUDACluster with %d GPU workers", n)
         cluster = LocalCUDACluster(n_workers=n, threads_per_worker=1, dashboard_address=None,
-                                   silence_logs=logging.ERROR, CUDA_VISIBLE_DEVICES=visible)
+                                   silence_logs=logging.ERROR, CUDA_VISIBLE_DEVICES=visible, **extra)
         # each worker sees its own GPU first
         return Client(cluster), cluster, max(1, (os.cpu_count() or 1) // n), "cuda"
     log.info("starting a dask LocalCluster with %d worker processes", n)
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.ERROR, **extra)
     return Client(cluster), cluster, max(1, (os.cpu_count() or 1) // n), device
 
 
+def _on_row(bar: tqdm, rows: list[dict[str, object]]):
+    """Progress for each row received: one study more, and the failures so far."""
+    failures = [0]
+
+    def update(row: dict[str, object]) -> None:
+        bar.update(1)
+        if row["status"] != "ok":
+            failures[0] += 1
+            bar.set_postfix(failed=failures[0])
+
+    return update
+
+
 def _run_dask(todo: Sequence[Study], out_dir: Path, config: PipelineConfig, workers: int, scheduler: str | None,
-              bar: tqdm, timeout: float | None = None) -> list[dict[str, object]]:
+              bar: tqdm, timeout: float | None = None, staged: InFlight | None = None) -> list[dict[str, object]]:
     from distributed import as_completed
 
-    client, cluster, threads, device = _start_client(workers, scheduler, config.device, len(todo))
+    client, cluster, threads, device = _start_client(workers, scheduler, config.device, len(todo),
+                                                     staged=staged is not None)
     task_config = replace(config, device=device)
     rows: list[dict[str, object]] = []
     try:
+        if staged is not None:
+            return run_staged_dask(client, todo, out_dir, task_config, _on_row(bar, rows), threads, timeout,
+                                   window=staged, retries=TASK_RETRIES)
         futures = {client.submit(run_study, st, str(out_dir), task_config, threads, timeout, pure=False,
                                  retries=TASK_RETRIES, key=f"ctseverity-{st.study}-{time.time_ns()}"): st
                    for st in todo}
@@ -404,7 +445,8 @@ def _run_dask(todo: Sequence[Study], out_dir: Path, config: PipelineConfig, work
 def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
               config: PipelineConfig, workers: int = 1, scheduler: str | None = None,
               truth: str | os.PathLike | None = None, progress: bool = True, report: bool = True,
-              study_timeout: float | None = None) -> BatchSummary:
+              study_timeout: float | None = None, pipeline: str = "per-study",
+              max_in_flight: int | None = None) -> BatchSummary:
     """Run the severity pipeline on every study of ``inputs`` and write ``results.csv`` and ``report.html``.
 
     Studies whose folder in ``out_dir`` holds a complete result of the same settings, model and
@@ -422,6 +464,11 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         report: write ``report.html``.
         study_timeout: time limit of each study in seconds (``None``: none); a study past it is
             recorded as failed with the reason and the batch goes on.
+        pipeline: ``per-study`` (one task per study, reading to writing) or ``staged`` (CPU and device
+            stages as separate tasks, a device task takes the slices of several studies:
+            :mod:`pipelines.stages`); the outputs are the same.
+        max_in_flight: ``staged``: the most studies between their first and last stage at once (memory stays
+            flat over any number of studies; default :func:`~pipelines.stages.default_max_in_flight`).
 
     Returns:
         A :class:`BatchSummary`.
@@ -435,6 +482,9 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     config = replace(config).validate()
     if study_timeout is not None and not study_timeout > 0:
         raise ValueError(f"the study time limit must be positive, got {study_timeout}")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    window = InFlight(max_in_flight or default_max_in_flight(workers)) if pipeline == "staged" else None
     if config.method == "density":
         checksum = ""
         config.bundle = None  # the attenuation baseline uses no model
@@ -465,13 +515,15 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
     rows: list[dict[str, object]] = []
     bar = tqdm(total=len(todo), desc=f"studies ({config.method})", unit="study", disable=not progress or not todo)
     try:
-        if todo and workers <= 1 and not scheduler:
+        if todo and workers <= 1 and not scheduler and window is not None:
+            rows = run_staged(todo, out, config, _on_row(bar, rows), study_timeout, window=window)
+        elif todo and workers <= 1 and not scheduler:
             for st in todo:
                 bar.set_postfix_str(st.study)
                 rows.append(run_study(st, out, config, timeout=study_timeout))
                 bar.update(1)
         elif todo:
-            rows = _run_dask(todo, out, config, workers, scheduler, bar, study_timeout)
+            rows = _run_dask(todo, out, config, workers, scheduler, bar, study_timeout, staged=window)
     finally:
         bar.close()
         failures = [r for r in rows if r["status"] != "ok"]
@@ -485,6 +537,8 @@ def run_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: 
         skipped=sorted(skipped),
         results_csv=csv_path,
         fingerprint=fingerprint,
+        pipeline=pipeline,
+        peak_in_flight=window.peak if window is not None else 0,
     )
     if report:
         from pipelines.report import write_report

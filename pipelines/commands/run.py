@@ -196,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_pacs(args, config, [i for i in args.inputs if i not in urls], urls[0])
     summary = run_batch(args.inputs, args.out, config, workers=args.workers, scheduler=args.scheduler,
-                        truth=args.truth, progress=not args.quiet, study_timeout=args.study_timeout)
+                        truth=args.truth, progress=not args.quiet, study_timeout=args.study_timeout,
+                        pipeline=args.pipeline)
     print_summary(summary, args.truth)
     return 1 if summary.n_failed else 0
 
@@ -220,6 +221,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "own lung U-Net (unet), else the HU threshold")
     p.add_argument("--lung-weights", dest="lung_weights", metavar="PATH", help="lungmask U-Net weights file")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on an existing dask scheduler (tcp://host:8786)")
+    p.add_argument("--pipeline", choices=("per-study", "staged"), default="per-study",
+                   help="per-study: one task per study, reading to writing; staged: CPU tasks (read, lung mask, "
+                        "slices; outputs) and device tasks (classifier, attribution) on the slices of several "
+                        "studies, on workers with a GPU resource where the cluster has them, a bounded number of "
+                        "studies in flight; the same outputs (default per-study; docs/scaling.md)")
     p.add_argument("--truth", metavar="CSV",
                    help="known lesion_percent and/or grade per study, for the report's agreement figures")
     p.add_argument("--lesion-rule", dest="lesion_rule", choices=LESION_RULES,
