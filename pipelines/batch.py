@@ -18,6 +18,10 @@ Where the studies run:
 Each worker process loads the model once (a cache keyed by bundle, checksum and device) and
 reuses it for every study it gets.
 
+``pipeline="staged"`` runs each study as three tasks instead of one (CPU stages before and after a device
+stage that takes several studies at once, a bounded number of studies in flight): :mod:`pipelines.stages`.
+The outputs, resume and failure isolation are the same.
+
 Lost workers: each study is one dask task. When a worker dies (killed, out of memory, its node
 gone), the scheduler reschedules the studies it was running on the other workers, up to
 ``distributed.scheduler.allowed-failures`` times per study (dask's default 3; set on the

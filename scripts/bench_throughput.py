@@ -8,7 +8,12 @@ average over 8 mm, :class:`~monai_ext.data.scanner.ScannerStyle` with ``thicknes
 as gzipped NIfTI into a work folder outside the repository (kept and reused by later runs with the same
 settings).
 
-Each method runs in its own subprocess (a fresh interpreter, as a batch would): ``run_batch`` (what
+With ``--phantoms`` the studies are small synthetic phantoms instead (64 x 64 x 24 at 6 x 6 x 12 mm,
+:func:`monai_ext.data.studies.write_studies`), for measuring the batch machinery over many studies (memory
+from 20 to 200 studies).
+
+Each method runs in its own subprocess (a fresh interpreter, as a batch would), once per ``--pipeline``
+(``per-study``, ``staged`` or both, side by side: :mod:`pipelines.stages`): ``run_batch`` (what
 ``ctseverity run`` does: results.csv and report.html included) over the N studies, in that process
 (``--workers 1``) or on a local dask cluster (``--workers N``). Measured over the batch, imports
 excluded, model loading included:
@@ -24,6 +29,7 @@ excluded, model loading included:
 Usage::
 
     python scripts/bench_throughput.py [--n 4] [--methods hirescam,iba] [--workers 1] [--device auto]
+                                       [--pipeline per-study,staged] [--phantoms]
                                        [--base CT] [--loads 0,10,20,35] [--work DIR] [--json FILE]
 
 Example:
@@ -47,7 +53,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "make_studies", "Sampler", "run_method", "default_base", "STAGES"]
+__all__ = ["main", "make_studies", "make_phantoms", "Sampler", "run_method", "default_base", "STAGES"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 #: per-study stages of ``result.json`` ``timings_s``, in pipeline order
@@ -90,6 +96,23 @@ def make_studies(work: Path, base: Path, n: int, loads: Sequence[float], thickne
         paths["image"].rename(folder / paths["image"].name)  # the masks stay out of the batch's input folder
         print(f"  study {i + 1}/{n}: {variant.image.shape}, {variant.lesion_percent:.1f} % lesion", file=sys.stderr,
               flush=True)
+    done.write_text(key)
+    return folder
+
+
+def make_phantoms(work: Path, n: int, loads: Sequence[float], seed: int = 2026) -> Path:
+    """Write ``n`` small phantom studies (64 x 64 x 24 at 6 x 6 x 12 mm) into a folder of ``work`` (reused when
+    it already holds them); study ``i`` has ``loads[i % len(loads)]`` percent of its lung in lesions."""
+    from monai_ext.data.studies import write_studies
+
+    key = json.dumps({"phantoms": [64, 64, 24], "n": n, "loads": list(loads), "seed": seed}, sort_keys=True)
+    folder = work / f"phantoms_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    done = folder / "settings.json"
+    if done.exists() and done.read_text() == key:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    write_studies(folder, [float(loads[i % len(loads)]) for i in range(n)], seed=seed, shape=(64, 64, 24),
+                  spacing=(6.0, 6.0, 12.0), progress=False)
     done.write_text(key)
     return folder
 
@@ -200,12 +223,13 @@ def _child(args: argparse.Namespace) -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)  # a fresh batch: nothing skipped as already complete
     with Sampler(gpu=device.startswith("cuda")) as sampler:
-        summary = run_batch(args.studies, out, config, workers=args.workers, progress=False)
+        summary = run_batch(args.studies, out, config, workers=args.workers, progress=False, pipeline=args.pipeline)
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     stages = {s: sum(r["timings_s"].get(s, 0.0) for r in results) / len(results)
               for s in (*STAGES, "total") if any(s in r["timings_s"] for r in results)} if results else {}
     print("BENCH " + json.dumps({
-        "method": args.child, "device": device, "workers": args.workers, "n": len(summary.rows),
+        "method": args.child, "device": device, "workers": args.workers, "pipeline": args.pipeline,
+        "peak_in_flight": summary.peak_in_flight, "n": len(summary.rows),
         "ok": summary.n_ok, "failed": summary.n_failed, "batch_s": summary.seconds, "stages": stages,
         "slices": sum(r["shape"][2] for r in results) / max(len(results), 1),
         "lung_slices": sum(len(r["slices"]) for r in results) / max(len(results), 1),
@@ -213,12 +237,13 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_method(method: str, studies: Path, out: Path, args: argparse.Namespace) -> dict:
+def run_method(method: str, studies: Path, out: Path, args: argparse.Namespace,
+               pipeline: str = "per-study") -> dict:
     """Run one method's batch in a subprocess; its ``BENCH`` record, or ``{"method", "error"}``."""
-    log = out / f"{method}_{args.workers}.log"
+    log = out / f"{method}_{args.workers}_{pipeline}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--studies", str(studies), "--out",
-           str(out / f"{method}_{args.workers}"), "--workers", str(args.workers), "--device", args.device,
-           "--lung-mask", args.lung_mask, "--batch-size", str(args.batch_size)]
+           str(out / f"{method}_{args.workers}_{pipeline}"), "--workers", str(args.workers), "--device", args.device,
+           "--lung-mask", args.lung_mask, "--batch-size", str(args.batch_size), "--pipeline", pipeline]
     if args.bundle:
         cmd += ["--bundle", args.bundle]
     with open(log, "w") as fh:
@@ -226,7 +251,7 @@ def run_method(method: str, studies: Path, out: Path, args: argparse.Namespace) 
     lines = [ln for ln in log.read_text().splitlines() if ln.startswith("BENCH ")]
     if rc != 0 or not lines:
         tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or [f"exit code {rc}"]
-        return {"method": method, "error": tail[0], "log": str(log)}
+        return {"method": method, "pipeline": pipeline, "error": tail[0], "log": str(log)}
     return json.loads(lines[-1][len("BENCH "):])
 
 
@@ -242,18 +267,20 @@ def _f(value: float | None, digits: int = 1) -> str:
 def tables(results: Sequence[dict]) -> str:
     """The throughput table and the seconds-per-stage table (markdown)."""
     ok = [r for r in results if "error" not in r]
-    head = ["method", "device", "workers", "studies", "slices (lung)", "batch s", "studies/h", "s/study",
-            "CPU %", "machine CPU %", "peak RSS MB", "device %", "device MB"]
-    rows = [[r["method"], r["device"], r["workers"], f"{r['ok']}/{r['n']}",
+    head = ["method", "device", "workers", "pipeline", "studies", "slices (lung)", "batch s", "studies/h",
+            "s/study", "CPU %", "machine CPU %", "peak RSS MB", "device %", "device MB"]
+    rows = [[r["method"], r["device"], r["workers"], r.get("pipeline", "per-study"), f"{r['ok']}/{r['n']}",
              f"{r['slices']:.0f} ({r['lung_slices']:.0f})",
              _f(r["batch_s"]), _f(3600.0 * r["ok"] / r["batch_s"], 0), _f(r["batch_s"] / max(r["ok"], 1)),
              _f(r["cpu_percent"], 0), _f(r["machine_cpu_percent"], 0), _f(r["peak_rss_mb"], 0),
              _f(r["device_percent"], 0), _f(r["device_mb"], 0)] for r in ok]
-    rows += [[r["method"], "-", "-", "failed", r["error"][:80], *["-"] * 8] for r in results if "error" in r]
+    rows += [[r["method"], "-", "-", r.get("pipeline", "-"), "failed", r["error"][:80], *["-"] * 8]
+             for r in results if "error" in r]
     stages = [s for s in (*STAGES, "total") if any(s in r["stages"] for r in ok)]
-    stage_rows = [[r["method"], *(_f(r["stages"].get(s), 2) for s in stages)] for r in ok]
+    stage_rows = [[r["method"], r.get("pipeline", "per-study"), *(_f(r["stages"].get(s), 2) for s in stages)]
+                  for r in ok]
     return _md(head, rows) + "\n\nSeconds per study and stage (mean of result.json timings_s):\n\n" + _md(
-        ["method", *stages], stage_rows)
+        ["method", "pipeline", *stages], stage_rows)
 
 
 def machine() -> str:
@@ -284,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bundle", help="bundle folder (default: the embedded bundle)")
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="slices per attribution batch")
+    p.add_argument("--pipeline", default="per-study",
+                   help="batch pipeline(s), comma-separated: per-study, staged (default per-study)")
+    p.add_argument("--phantoms", action="store_true",
+                   help="small synthetic phantoms (64 x 64 x 24) instead of studies made from --base")
     p.add_argument("--base", help="clean chest CT the studies are made from (default: LIDC-IDRI-0003)")
     p.add_argument("--loads", default="0,10,20,35", help="lesion percent of the lung, cycled over the studies")
     p.add_argument("--thickness", type=float, default=8.0, help="slice thickness and spacing in mm (default 8)")
@@ -299,9 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     problems = [f"unknown method(s) {', '.join(sorted(set(methods) - set(METHODS)))}"] if set(methods) - set(
         METHODS) else []
+    pipelines = [x.strip() for x in args.pipeline.split(",") if x.strip()]
+    if not pipelines or set(pipelines) - {"per-study", "staged"}:
+        problems.append(f"--pipeline: expected per-study and/or staged, got {args.pipeline!r}")
     base = Path(args.base) if args.base else default_base()
     work = Path(args.work or Path(tempfile.gettempdir()) / "ctseverity_bench_throughput").resolve()
-    if not base.exists():
+    if not base.exists() and not args.phantoms:
         problems.append(f"{base}: no such file (set CTSEVERITY_SHARED_DATA or give --base)")
     if work == REPO_ROOT or REPO_ROOT in work.parents:
         problems.append(f"--work {work}: must be outside the repository")
@@ -318,13 +352,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench_throughput: {msg}", file=sys.stderr)
         return 2
     work.mkdir(parents=True, exist_ok=True)
-    print(f"studies from {base} at {args.thickness:g} mm into {work} ...", file=sys.stderr, flush=True)
-    studies = make_studies(work, base, args.n, loads, args.thickness)
+    if args.phantoms:
+        print(f"phantom studies into {work} ...", file=sys.stderr, flush=True)
+        studies = make_phantoms(work, args.n, loads)
+        made = "64 x 64 x 24 phantoms at 6 x 6 x 12 mm"
+    else:
+        print(f"studies from {base} at {args.thickness:g} mm into {work} ...", file=sys.stderr, flush=True)
+        studies = make_studies(work, base, args.n, loads, args.thickness)
+        made = f"from {base.name} at {args.thickness:g} mm"
     results = []
     for m in methods:
-        print(f"running {m} on {args.n} studies ...", file=sys.stderr, flush=True)
-        results.append(run_method(m, studies, work, args))
-    print(f"{args.n} studies from {base.name} at {args.thickness:g} mm, loads {args.loads} %; {machine()}")
+        for pipeline in pipelines:
+            print(f"running {m} ({pipeline}) on {args.n} studies ...", file=sys.stderr, flush=True)
+            results.append(run_method(m, studies, work, args, pipeline))
+    print(f"{args.n} studies {made}, loads {args.loads} %; {machine()}")
     print()
     print(tables(results))
     if args.json:

@@ -41,15 +41,18 @@ def test_bench_throughput_small(script, shared, tmp_path, capsys):
     assert 0 < rec["cpu_percent"] <= 101 and rec["peak_rss_mb"] > 200  # torch and a model at least
     assert rec["device_percent"] is None and rec["device_mb"] is None  # no NVML on a CPU device
 
-    line = next(ln for ln in printed.splitlines() if ln.startswith("| hirescam | cpu | 1 | 2/2 | 15 ("))
+    line = next(ln for ln in printed.splitlines() if ln.startswith("| hirescam | cpu | 1 | per-study | 2/2 | 15 ("))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert float(cells[6]) == pytest.approx(3600 * 2 / rec["batch_s"], abs=1) and cells[-2:] == ["n/a", "n/a"]
+    assert float(cells[7]) == pytest.approx(3600 * 2 / rec["batch_s"], abs=1) and cells[-2:] == ["n/a", "n/a"]
     assert "2 studies from slab.nii.gz at 8 mm" in printed and "logical CPUs" in printed
-    assert "| hirescam | " in printed.split("Seconds per study and stage")[1]
+    assert "| hirescam | per-study | " in printed.split("Seconds per study and stage")[1]
 
     mtime = studies[0].stat().st_mtime_ns  # the same settings reuse the studies
-    assert bench.main([*argv, "--methods", "density"]) == 0
+    assert bench.main([*argv, "--methods", "density", "--pipeline", "staged"]) == 0
     assert studies[0].stat().st_mtime_ns == mtime and sorted(work.glob("studies_*")) == folders
+    assert "| density | cpu | 1 | staged | 2/2 | 15 (" in capsys.readouterr().out
+    (rec,) = json.loads(records.read_text())["results"]
+    assert rec["pipeline"] == "staged" and rec["peak_in_flight"] == 1  # density: no device stage to wait for
 
 
 def test_bench_throughput_refuses_a_work_folder_in_the_repository(script, shared, capsys):
