@@ -31,7 +31,8 @@ task, queueing included). Tasks are retried by dask as in the per-study path
 Why a device task does not merge the slices of its studies into shared network batches: a network's
 output for a slice is the same function of that slice whatever batch it is in, but not bit for bit
 (oneDNN and cuDNN choose their kernels, hence the rounding, by batch size: on the 2-core development
-machine IBA maps differed by up to 3e-5 and probabilities by 6e-8 between batches of 5 and of 16). The
+machine, the same slices split into batches of other sizes gave IBA maps differing by up to 3e-5 and
+probabilities by up to 6e-8). The
 device task therefore runs each study's slices in the per-study path's batches (``max(batch_size, 32)``
 for the classifier, ``batch_size`` for the attribution), which keeps the outputs identical to the
 per-study path; raise ``--batch-size`` for larger device batches.

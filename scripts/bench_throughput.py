@@ -22,7 +22,9 @@ excluded, model loading included:
 - seconds per stage: the mean of the studies' ``result.json`` ``timings_s``;
 - ``CPU %``: CPU time of the batch's process tree / (wall time x logical CPUs); ``machine CPU %``: the
   whole machine's CPU use over the batch (other jobs included);
-- ``peak RSS``: the largest resident memory of the process tree (sampled every 0.2 s);
+- ``peak RSS``: the largest resident memory of the process tree (sampled every 0.2 s); the JSON records also
+  hold it before ``report.html`` is written (``peak_rss_before_report_mb``: the report embeds every study's
+  thumbnail, so it grows with the number of studies);
 - ``device %`` and ``device MB``: mean GPU utilisation and peak GPU memory from NVML (``pynvml``) on a
   cuda device, else ``n/a``.
 
@@ -215,6 +217,7 @@ def _child(args: argparse.Namespace) -> int:
 
     from pipelines.batch import run_batch
     from pipelines.devices import resolve_device
+    from pipelines.report import write_report
     from pipelines.study import PipelineConfig
 
     device = resolve_device(args.device)
@@ -223,7 +226,12 @@ def _child(args: argparse.Namespace) -> int:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)  # a fresh batch: nothing skipped as already complete
     with Sampler(gpu=device.startswith("cuda")) as sampler:
-        summary = run_batch(args.studies, out, config, workers=args.workers, progress=False, pipeline=args.pipeline)
+        summary = run_batch(args.studies, out, config, workers=args.workers, progress=False, pipeline=args.pipeline,
+                            report=False)
+        peak_before_report = sampler.peak_rss  # the report embeds every study's thumbnail: it grows with N
+        t0 = time.perf_counter()
+        write_report(out, summary.rows)
+        summary.seconds += time.perf_counter() - t0
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     stages = {s: sum(r["timings_s"].get(s, 0.0) for r in results) / len(results)
               for s in (*STAGES, "total") if any(s in r["timings_s"] for r in results)} if results else {}
@@ -231,6 +239,7 @@ def _child(args: argparse.Namespace) -> int:
         "method": args.child, "device": device, "workers": args.workers, "pipeline": args.pipeline,
         "peak_in_flight": summary.peak_in_flight, "n": len(summary.rows),
         "ok": summary.n_ok, "failed": summary.n_failed, "batch_s": summary.seconds, "stages": stages,
+        "peak_rss_before_report_mb": peak_before_report / 2**20,
         "slices": sum(r["shape"][2] for r in results) / max(len(results), 1),
         "lung_slices": sum(len(r["slices"]) for r in results) / max(len(results), 1),
         "grades": [r["grade"] for r in results], "torch_threads": torch.get_num_threads(), **sampler.summary()}))
