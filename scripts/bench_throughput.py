@@ -132,6 +132,7 @@ class Sampler:
         self.root = psutil.Process()
         self.cpu: dict[int, tuple[float, float]] = {}  # pid -> (CPU seconds when first seen, last)
         self.peak_rss = 0
+        self.timeline: list[tuple[float, int]] = []  # (seconds, RSS of the tree)
         self.gpu_util: list[float] = []
         self.gpu_peak = 0
         self._nvml = self._open_nvml() if gpu else None
@@ -169,6 +170,7 @@ class Sampler:
             start = self.cpu.get(p.pid, (used if first else 0.0, 0.0))[0]
             self.cpu[p.pid] = (start, used)
         self.peak_rss = max(self.peak_rss, rss)
+        self.timeline.append((time.perf_counter(), rss))
         if self._nvml is not None:
             nv, handles = self._nvml
             self.gpu_util.append(sum(nv.nvmlDeviceGetUtilizationRates(h).gpu for h in handles) / len(handles))
@@ -196,6 +198,18 @@ class Sampler:
         self.wall = time.perf_counter() - self.t0
         self.machine_cpu = psutil.cpu_percent(None)
 
+    def peaks_by_tenth(self) -> list[float]:
+        """The peak RSS (MB) of the process tree in each tenth of the measured wall time: flat memory has flat
+        tenths after the first."""
+        if not self.timeline:
+            return []
+        t0, t1 = self.timeline[0][0], self.timeline[-1][0]
+        peaks = [0] * 10
+        for t, rss in self.timeline:
+            i = min(9, int(10 * (t - t0) / max(t1 - t0, 1e-9)))
+            peaks[i] = max(peaks[i], rss)
+        return [round(v / 2**20) for v in peaks]
+
     def summary(self) -> dict:
         """``wall_s``, ``cpu_percent`` (of all logical CPUs), ``machine_cpu_percent``, ``peak_rss_mb``,
         ``device_percent`` and ``device_mb`` (``None`` without NVML)."""
@@ -206,6 +220,7 @@ class Sampler:
             "cpu_percent": 100.0 * cpu_s / max(self.wall, 1e-9) / (os.cpu_count() or 1),
             "machine_cpu_percent": self.machine_cpu,
             "peak_rss_mb": self.peak_rss / 2**20,
+            "peak_rss_by_tenth_mb": self.peaks_by_tenth(),
             "device_percent": sum(self.gpu_util) / len(self.gpu_util) if self.gpu_util else None,
             "device_mb": self.gpu_peak / 2**20 if self._nvml is not None else None,
         }
