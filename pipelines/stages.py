@@ -136,17 +136,22 @@ def _cpu_config(config: PipelineConfig) -> PipelineConfig:
 
 
 def prepare_task(study: Study, out_dir: str, config: PipelineConfig, threads: int | None = None,
-                 timeout: float | None = None) -> tuple[Prepared | None, torch.Tensor | None, dict]:
+                 timeout: float | None = None, clear: bool = True) -> tuple[Prepared | None, torch.Tensor | None, dict]:
     """CPU stage 1 of a study: ``(prepared, slices, info)``.
 
     ``info`` is small: ``started`` (``time.time()`` of the start), ``seconds`` spent, ``n_slices``; for a study
     that failed, ``row`` (its failure row) and ``None`` for the other two. The slices leave ``prepared``
-    (its ``stack.images`` is emptied) so that only they travel to the device stage.
+    (its ``stack.images`` is emptied) so that only they travel to the device stage. With ``clear`` the
+    study folder is first marked incomplete; on a cluster the driver does that when it submits the study
+    instead, because dask reruns a prepare task whose slices died with a worker while a device task of
+    several studies still needs them, also for a study that has finished meanwhile: the rerun must leave
+    that study's ``result.json`` alone.
     """
     from pipelines import batch
 
     batch._set_threads(threads)
-    batch._clear_study_dir(Path(out_dir) / study.study)
+    if clear:
+        batch._clear_study_dir(Path(out_dir) / study.study)
     started, t0 = time.time(), time.perf_counter()
     try:
         model = batch._get_model(_cpu_config(config))
@@ -204,6 +209,9 @@ def finish_task(study: Study, out_dir: str, config: PipelineConfig, prepared: Pr
     if isinstance(inferred, dict):
         return inferred
     batch._set_threads(threads)
+    for tmp in (Path(out_dir) / study.study).glob(".*"):  # left by a finish task whose worker died mid-write
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     if isinstance(inferred, Inferred):
         spent += sum(inferred.timings.values())
@@ -287,6 +295,7 @@ def run_staged_dask(client, todo: Sequence[Study], out_dir: Path, config: Pipeli
     """The staged pipeline on a dask cluster (see the module notes); returns the rows (``on_row`` gets each)."""
     from distributed import as_completed
 
+    from pipelines import batch
     from pipelines.batch import _failure_row, _one_line
 
     window = window or InFlight(max_in_flight)
@@ -336,8 +345,9 @@ def run_staged_dask(client, todo: Sequence[Study], out_dir: Path, config: Pipeli
         while pending and not window.full:
             st = _Study(pending.popleft())
             window.enter()
-            prep = submit(prepare_task, st.study, out, config, threads, timeout, kind="prepare", name=st.study.study,
-                          priority=1, retries=retries, **cpu_kw)
+            batch._clear_study_dir(Path(out) / st.study.study)  # here, not in a task dask may run again
+            prep = submit(prepare_task, st.study, out, config, threads, timeout, False, kind="prepare",
+                          name=st.study.study, priority=1, retries=retries, **cpu_kw)
             st.prepared = submit(operator.getitem, prep, 0, kind="prepared", name=st.study.study, priority=1)
             st.images = submit(operator.getitem, prep, 1, kind="slices", name=st.study.study, priority=1)
             info = submit(operator.getitem, prep, 2, kind="info", name=st.study.study, priority=1)
