@@ -38,7 +38,8 @@ from pipelines.severity import (
 __all__ = ["CalibrationFit", "fit_calibration", "write_calibration",
            "THRESHOLDS", "MIN_VOLUMES", "DELTAS", "STUDY_CALLS", "GROW_MM", "GRADE_ERROR_POINTS"]
 
-THRESHOLDS = tuple(np.round(np.arange(0.05, 0.96, 0.05), 2))
+#: heatmap thresholds tried (the low ones: IBA, whose maps fall off steeply from their peaks, fits best there)
+THRESHOLDS = (0.01, 0.02, 0.03) + tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: rises above the normal lung level tried for the relative density rule (HU)
 DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)

@@ -211,7 +211,7 @@ def lesion_masks_2d(heat: torch.Tensor, lung: torch.Tensor, hu: np.ndarray, prob
             continue
         m = lesion_mask_from_heatmap(heat[i, 0].numpy()[..., None], lung[i, 0].numpy()[..., None], cal["threshold"],
                                      cal["lesion_rule"], ct=hu[i][..., None], spacing=spacing, min_volume_ml=min_ml,
-                                     density_delta_hu=cal["density_delta_hu"])
+                                     density_delta_hu=cal["density_delta_hu"], grow_mm=float(cal.get("grow_mm") or 0.0))
         out[i, 0] = torch.from_numpy(np.ascontiguousarray(m[..., 0]))
     return out
 

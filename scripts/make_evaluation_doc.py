@@ -218,7 +218,9 @@ def _dataset_section(title: str, res: dict, run: dict, n_boot: int) -> list[str]
                   metrics_table(res["rows"], methods, LOCALIZATION_METRICS, {}), ""]
     if res["severity"]:
         lines += ["Severity agreement of the whole pipeline (`ctseverity run`, every lung slice of each study, "
-                  "the bundle's calibration) with the inserted lesion loads:", "",
+                  "the bundle's calibration) with the inserted lesion loads"
+                  + (f" (regraded on {res['severity_refreshed']} with the bundle's current calibration, "
+                     "`--skip-run --refresh-severity`)" if res.get("severity_refreshed") else "") + ":", "",
                   "| method | studies | grade accuracy | within one grade | lesion-% MAE (pp) | Pearson r |",
                   "|---|---|---|---|---|---|"]
         for r in res["severity"]:
@@ -393,6 +395,19 @@ def _notes(results: dict[str, dict], params: Sequence[str]) -> list[str]:
     return notes
 
 
+#: a block of the page between these markers (the localization benchmark's tables, written from
+#: ``scripts/bench_localization.py``) is carried over when the page is rewritten
+KEEP_START, KEEP_END = "<!-- kept on regeneration: start -->", "<!-- kept on regeneration: end -->"
+
+
+def kept_block(page: str) -> str:
+    """The text between :data:`KEEP_START` and :data:`KEEP_END` of an existing page ('' if none)."""
+    start, end = page.find(KEEP_START), page.find(KEEP_END)
+    if start < 0 or end < start:
+        return ""
+    return page[start + len(KEEP_START):end].strip("\n")
+
+
 def render(results: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
     """The Markdown page from the outputs of both evaluations (``results``: label -> outputs)."""
     n_boot = next(iter(results.values()))["summary"]["settings"]["bootstrap"]
@@ -419,6 +434,8 @@ def render(results: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
     if stale:
         lines += [f"**Out of date:** the tables below come from model(s) {', '.join(u[:16] for u in used)}, but the "
                   f"bundle now holds {str(meta.get('current_sha'))[:16]}; rerun the script.", ""]
+    if meta.get("kept"):
+        lines += [KEEP_START, meta["kept"].strip("\n"), KEEP_END, ""]
     lines += [
         f"Machine: {meta['machine']}. The runs shared the two cores with a concurrent model training "
         "(load averages below) and ran with one torch thread under `nice`, so the seconds per slice are upper "
@@ -471,6 +488,29 @@ def render(results: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def refresh_severity(studies: Path, out: Path, args: argparse.Namespace) -> str:
+    """Regrade the semi-synthetic studies with the bundle's current calibration (``ctseverity run`` reruns a study
+    whose calibration changed: it is in the run's fingerprint) and rewrite ``severity.csv``; returns the date."""
+    from monai_ext.io import atomic_write_text
+    from pipelines.evaluate import severity_agreement
+
+    methods = [m for m in args.severity_methods.split(",") if m]
+    params: dict[str, dict] = {}
+    for item in args.param:
+        key, value = item.split("=", 1)
+        method, name = key.split(".", 1)
+        try:
+            params.setdefault(method, {})[name] = json.loads(value)
+        except ValueError:
+            params.setdefault(method, {})[name] = value
+    sev = severity_agreement([str(studies)], studies / "truth.csv", methods, out, args.bundle, "cpu", "auto",
+                             params=params)
+    keys = ["method", "n_grade", "grade_accuracy", "within_one", "n_percent", "mae", "pearson_r"]
+    atomic_write_text(out / "severity.csv", "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys)
+                                                                         for r in sev]) + "\n")
+    return _dt.date.today().isoformat()
+
+
 def _load_average() -> str:
     try:
         return f"{os.getloadavg()[0]:.1f}"
@@ -502,6 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", choices=["semisynthetic", "medseg", "guided_before", "guided_after"],
                    help="run one of the evaluations")
     p.add_argument("--skip-run", dest="skip_run", action="store_true", help="only rewrite the page")
+    p.add_argument("--refresh-severity", dest="refresh_severity", action="store_true",
+                   help="with --skip-run: regrade (a)'s studies with the bundle's current calibration (a recalibration "
+                        "changes only the severity rows; the maps and their metrics stay) and rewrite the page")
     p.add_argument("--guided", type=Path, default=None,
                    help="a saliency-guided bundle (scripts/train_guided_default.py): add the before/after table")
     p.add_argument("--guided-methods", dest="guided_methods", default="hirescam,gradcam",
@@ -561,7 +604,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return code
             runs[key] = run
             atomic_write_text(runs_path, json.dumps(runs, indent=2))
+    refreshed = None
+    if args.refresh_severity and (work / "eval_semisynthetic" / "severity.csv").exists():
+        refreshed = refresh_severity(studies, work / "eval_semisynthetic", args)
     results = {k: _load(work / f"eval_{k}") for k in plan if (work / f"eval_{k}" / "metrics.csv").exists()}
+    if refreshed and "semisynthetic" in results:
+        results["semisynthetic"]["severity_refreshed"] = refreshed
     if not results:
         print(f"no evaluation outputs under {work}; run without --skip-run first")
         return 1
@@ -585,13 +633,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     stale = sorted({r["summary"]["model"]["sha256"][:16] for r in results.values()} - {str(current)[:16]})
     if stale:
         print(f"warning: outputs of model(s) {', '.join(stale)}, the bundle holds {str(current)[:16]}: rerun")
-    meta = {"date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
+    meta = {"severity_refreshed": refreshed,
+            "date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
             "ct": args.ct, "medseg": args.medseg, "percents": "/".join(f"{v:g}" for v in percents),
             "current_sha": current, "version": version, "guided_results": guided_results,
             "guided_info": guided_info, "guided_prepare": (
                 f"python -c \"from monai_ext.data.studies import write_studies; write_studies('{guided_studies}', "
                 f"{guided_percents}, base='{_rel(args.ct)}', seed=2025, masks=True, lung_backend='threshold', "
                 "prefix='real')\""), "guided_percents": "/".join(f"{v:g}" for v in guided_percents)}
+    meta["kept"] = kept_block(args.doc.read_text(encoding="utf-8")) if args.doc.exists() else ""
     atomic_write_text(args.doc, render(results, runs, meta))
     print(f"written {args.doc}")
     return 0

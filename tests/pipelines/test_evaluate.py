@@ -289,6 +289,13 @@ def test_evaluate_medseg_cli(capsys, tmp_path, shared, one_torch_thread):
     claim = [ln for ln in text.splitlines() if ln.startswith("| HiResCAM at least matches Grad-CAM on AOPC")]
     assert len(claim) == 1 and "| 2 |" in claim[0] and "**" in claim[0]
     assert "Out of date" not in text
+    # a block between the markers (the localization benchmark's tables) survives the rewrite, once
+    kept = "## Localization on real lesions\n\n| iba | 0.563 |"
+    doc.write_text(f"old page\n{doc_script.KEEP_START}\n{kept}\n{doc_script.KEEP_END}\nold table\n", encoding="utf-8")
+    assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
+    text = doc.read_text(encoding="utf-8")
+    assert text.count(kept) == 1 and "old page" not in text and "old table" not in text
+    assert text.index(kept) < text.index("(b) Real MedSeg COVID-19 slices")
     summary["model"]["sha256"] = "0" * 64  # outputs of another model than the bundle's: the page says so
     (out / "summary.json").write_text(json.dumps(summary))
     assert doc_script.main(["--skip-run", "--work", str(tmp_path / "work"), "--doc", str(doc)]) == 0
