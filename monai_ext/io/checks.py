@@ -531,8 +531,9 @@ def check_hu_scale(volume: np.ndarray, path: str | os.PathLike | None = None) ->
             uniq, inv = np.unique(bins, return_inverse=True)
             air_level = float(20.0 * uniq[int(np.argmax(np.bincount(inv, weights=counts)))] + 10.0)
             if air_level < MIN_AIR_LEVEL_HU:
-                raise NotCTError(f"values are not on the Hounsfield scale: the air and lung voxels' most common value "
-                                 f"is {air_level:.0f} HU, where air is -1000 HU: a wrong scale factor in the header?", path)
+                raise NotCTError(f"values are not on the Hounsfield scale: the air and lung voxels' most common "
+                                 f"value is {air_level:.0f} HU, where air is -1000 HU: a wrong scale factor in the "
+                                 "header?", path)
     off = np.zeros(volume.shape[-1], dtype=bool)
     for values, limit in ((levels, MAX_SLICE_SCALE_HU), (air, MAX_SLICE_AIR_HU)):
         if np.isfinite(values).any():
