@@ -340,9 +340,10 @@ def _claims_section(results: dict[str, dict], n_boot: int) -> tuple[list[str], d
 
 def _notes(results: dict[str, dict], params: Sequence[str]) -> list[str]:
     notes = [
-        "The default model was trained on synthetic phantoms only (see the model card). Real CT texture, and "
-        "the MedSeg slices in particular, are outside its training distribution: the figures describe the maps of "
-        "this model, not the methods in general.",
+        "The default model was trained on lesions of the project's generator inserted into a few real chest CT "
+        "and on phantoms (see the model card), never on real lesions: the MedSeg slices in particular (other "
+        "scanners, 8-bit JPEGs) are outside its training distribution. The figures describe the maps of this "
+        "model, not the methods in general.",
         "The intervals resample slices; slices of one study are correlated, so for (a) the intervals are "
         "optimistic.",
         "Semi-synthetic lesions are procedural GGO/consolidation inserted into a healthy real CT; their masks are "
@@ -366,11 +367,13 @@ def _notes(results: dict[str, dict], params: Sequence[str]) -> list[str]:
     try:
         info = json.loads((Path(first["model"]["bundle"]) / "models" / "model.json").read_text(encoding="utf-8"))
         net = str(info["network_def"]["_target_"]).rsplit(".", 1)[-1]
+        cam = str(info.get("cam_layer") or "features.denseblock4")
     except (OSError, KeyError, ValueError):
-        net = ""
+        net, cam = "", ""
     if net == "DenseNet":
-        notes.append("The default network is a MONAI DenseNet: after `features.denseblock4` (the CAM layer) come a "
-                     "batch norm, a ReLU, global average pooling and one linear layer. For such a head the gradient "
+        notes.append(f"The default network is a MONAI DenseNet whose CAM layer (`{cam}`) is followed by global "
+                     "average pooling and one linear layer (a batch norm and a ReLU before it where the CAM layer is "
+                     "the last dense block). For such a head the gradient "
                      "is the same at every pixel except where the ReLU is off, so Grad-CAM and HiResCAM differ only "
                      "there (Draelos and Carin show they coincide for global pooling followed by one linear "
                      "layer): their near-identical figures are expected and test the AOPC claim only weakly.")
