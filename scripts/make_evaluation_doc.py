@@ -218,9 +218,7 @@ def _dataset_section(title: str, res: dict, run: dict, n_boot: int) -> list[str]
                   metrics_table(res["rows"], methods, LOCALIZATION_METRICS, {}), ""]
     if res["severity"]:
         lines += ["Severity agreement of the whole pipeline (`ctseverity run`, every lung slice of each study, "
-                  "the bundle's calibration) with the inserted lesion loads"
-                  + (f" (regraded on {res['severity_refreshed']} with the bundle's current calibration, "
-                     "`--skip-run --refresh-severity`)" if res.get("severity_refreshed") else "") + ":", "",
+                  "the bundle's calibration) with the inserted lesion loads:", "",
                   "| method | studies | grade accuracy | within one grade | lesion-% MAE (pp) | Pearson r |",
                   "|---|---|---|---|---|---|"]
         for r in res["severity"]:
@@ -491,29 +489,6 @@ def render(results: dict[str, dict], runs: dict[str, dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def refresh_severity(studies: Path, out: Path, args: argparse.Namespace) -> str:
-    """Regrade the semi-synthetic studies with the bundle's current calibration (``ctseverity run`` reruns a study
-    whose calibration changed: it is in the run's fingerprint) and rewrite ``severity.csv``; returns the date."""
-    from monai_ext.io import atomic_write_text
-    from pipelines.evaluate import severity_agreement
-
-    methods = [m for m in args.severity_methods.split(",") if m]
-    params: dict[str, dict] = {}
-    for item in args.param:
-        key, value = item.split("=", 1)
-        method, name = key.split(".", 1)
-        try:
-            params.setdefault(method, {})[name] = json.loads(value)
-        except ValueError:
-            params.setdefault(method, {})[name] = value
-    sev = severity_agreement([str(studies)], studies / "truth.csv", methods, out, args.bundle, "cpu", "auto",
-                             params=params)
-    keys = ["method", "n_grade", "grade_accuracy", "within_one", "n_percent", "mae", "pearson_r"]
-    atomic_write_text(out / "severity.csv", "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys)
-                                                                         for r in sev]) + "\n")
-    return _dt.date.today().isoformat()
-
-
 def _load_average() -> str:
     try:
         return f"{os.getloadavg()[0]:.1f}"
@@ -545,9 +520,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", choices=["semisynthetic", "medseg", "guided_before", "guided_after"],
                    help="run one of the evaluations")
     p.add_argument("--skip-run", dest="skip_run", action="store_true", help="only rewrite the page")
-    p.add_argument("--refresh-severity", dest="refresh_severity", action="store_true",
-                   help="with --skip-run: regrade (a)'s studies with the bundle's current calibration (a recalibration "
-                        "changes only the severity rows; the maps and their metrics stay) and rewrite the page")
     p.add_argument("--guided", type=Path, default=None,
                    help="a saliency-guided bundle (scripts/train_guided_default.py): add the before/after table")
     p.add_argument("--guided-methods", dest="guided_methods", default="hirescam,gradcam",
@@ -607,12 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return code
             runs[key] = run
             atomic_write_text(runs_path, json.dumps(runs, indent=2))
-    refreshed = None
-    if args.refresh_severity and (work / "eval_semisynthetic" / "severity.csv").exists():
-        refreshed = refresh_severity(studies, work / "eval_semisynthetic", args)
     results = {k: _load(work / f"eval_{k}") for k in plan if (work / f"eval_{k}" / "metrics.csv").exists()}
-    if refreshed and "semisynthetic" in results:
-        results["semisynthetic"]["severity_refreshed"] = refreshed
     if not results:
         print(f"no evaluation outputs under {work}; run without --skip-run first")
         return 1
@@ -636,8 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stale = sorted({r["summary"]["model"]["sha256"][:16] for r in results.values()} - {str(current)[:16]})
     if stale:
         print(f"warning: outputs of model(s) {', '.join(stale)}, the bundle holds {str(current)[:16]}: rerun")
-    meta = {"severity_refreshed": refreshed,
-            "date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
+    meta = {"date": _dt.date.today().isoformat(), "machine": _machine(), "prepare": prepare, "work": str(work),
             "ct": args.ct, "medseg": args.medseg, "percents": "/".join(f"{v:g}" for v in percents),
             "current_sha": current, "version": version, "guided_results": guided_results,
             "guided_info": guided_info, "guided_prepare": (
