@@ -42,7 +42,7 @@ __all__ = ["CalibrationFit", "fit_calibration", "write_calibration",
 THRESHOLDS = (0.01, 0.02, 0.03) + tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_VOLUMES = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 #: rises above the normal lung level tried for the relative density rule (HU)
-DELTAS = (150.0, 200.0, 250.0, 300.0, 350.0)
+DELTAS = (75.0, 100.0, 125.0, 150.0, 200.0, 250.0, 300.0)
 #: lesion growth from the heatmap through abnormal attenuation tried for the density rules (mm)
 GROW_MM = (0.0, 5.0, 10.0, 20.0)
 #: study calls tried (0: every study may have lesions)

@@ -6,8 +6,9 @@ Two kinds of evidence turn into a lesion mask:
   (rule ``heatmap``, as in the IBA paper), optionally intersected with abnormal attenuation:
   absolute (rule ``heatmap-density``: -750..+100 HU) or relative to the study's own normal lung
   (rule ``heatmap-relative``: at least ``density_delta_hu`` above the level of the study's aerated
-  lung, on the CT smoothed over 1 mm, so that neither the scanner's HU calibration, the breathing
-  level nor the kernel's noise moves the boundary);
+  lung, the lowest prominent peak of its histogram, on the CT smoothed over 1 mm, so that neither the
+  scanner's HU calibration, the breathing level, a dense normal lung nor the kernel's noise moves the
+  boundary);
   with either, the heatmap region may be grown through the abnormal attenuation it lies in by up to
   ``grow_mm`` (a geodesic dilation inside the opacity): the heatmap says which opacities are lesions,
   the attenuation how far they reach. A map more compact than the lesion (IBA keeps only the
@@ -125,14 +126,17 @@ def _smoothed(img: np.ndarray, spacing: Sequence[float], smooth_mm: float) -> np
 
 
 def normal_lung_level(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
-                      smooth_mm: float = 1.0, fallback_hu: float = -850.0) -> float:
-    """The study's normal aerated lung level: the mode of the lung's HU histogram below -600 HU, on
-    the CT smoothed over ``smooth_mm``.
+                      smooth_mm: float = 1.0, fallback_hu: float = -850.0, min_peak: float = 0.25) -> float:
+    """The study's normal aerated lung level: the lowest prominent peak of the lung's HU histogram below
+    -600 HU, on the CT smoothed over ``smooth_mm``.
 
-    The mode follows the bulk of aerated lung whatever the scanner's calibration, the breathing
-    level or the kernel; lesions, vessels and dependent density sit above it and do not move it
-    while some aerated lung is left (at least 2 % of the lung below -600 HU, else
-    ``fallback_hu``).
+    Normal aerated lung is the least dense parenchyma of a study; ground glass, dependent density and vessels
+    only add mass above it. So the level is the lowest local maximum of the smoothed histogram (5 HU bins)
+    that reaches ``min_peak`` of the highest one, not the highest one itself: once most of the lung is
+    ground glass the highest peak is the lesion's (70 % of a smooth-kernel CT as inserted lesions: highest
+    peak at -602 HU, lowest prominent peak at -858 HU, the clean CT's -828). The level follows the bulk of
+    aerated lung whatever the scanner's calibration, the breathing level or the kernel, while some
+    aerated lung is left (at least 2 % of the lung below -600 HU, else ``fallback_hu``).
 
     Returns:
         The level in HU.
@@ -147,7 +151,8 @@ def normal_lung_level(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Te
         return float(fallback_hu)
     hist, edges = np.histogram(low, bins=np.arange(-1100.0, -595.0, 5.0))
     hist = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
-    k = int(np.argmax(hist))
+    peak = (hist >= np.maximum(np.r_[-1.0, hist[:-1]], np.r_[hist[1:], -1.0])) & (hist >= min_peak * hist.max())
+    k = int(np.flatnonzero(peak)[0])
     return float(0.5 * (edges[k] + edges[k + 1]))
 
 

@@ -113,6 +113,20 @@ def test_normal_lung_level_follows_the_aerated_lung():
     assert normal_lung_level(white, lung, (1.0, 1.0, 2.5)) == -850.0  # no aerated lung left: the fallback
 
 
+def test_normal_lung_level_is_the_aerated_lung_not_the_ground_glass_at_high_loads():
+    """Ground glass over 70 % of the lung, still below -600 HU, makes the histogram's highest peak; the level is
+    the lowest prominent peak, the 30 % of aerated lung left (the highest one would be -680 HU)."""
+    hu, lung, _ = _lung_with_lesions()
+    rng = np.random.default_rng(2)
+    hu = np.where(lung, -850.0 + rng.normal(0.0, 15.0, hu.shape), hu)
+    hu[5:33, 5:45, 1:11] = -680.0 + rng.normal(0.0, 15.0, (28, 40, 10))  # 70 % of the lung
+    assert normal_lung_level(hu, lung, (1.0, 1.0, 2.5)) == pytest.approx(-850.0, abs=10.0)
+    # a small dense tail (dependent lung) at 10 % of the highest bin is not a peak of its own
+    hu2 = np.where(lung, -850.0 + rng.normal(0.0, 15.0, hu.shape), hu)
+    hu2[5:7, 5:45, 1:11] = -950.0 + rng.normal(0.0, 15.0, (2, 40, 10))  # 5 % of the lung, lower still
+    assert normal_lung_level(hu2, lung, (1.0, 1.0, 2.5)) == pytest.approx(-850.0, abs=10.0)
+
+
 def test_relative_attenuation_does_not_move_with_calibration_or_inspiration():
     hu, lung, lesion = _lung_with_lesions()
     spacing = (1.0, 1.0, 2.5)
