@@ -21,14 +21,19 @@ from pipelines.study import PipelineConfig, compute_evidence, resolve_calibratio
 __all__ = ["register", "run_calibrate"]
 
 
+def _rules(text: str) -> tuple[str, ...]:
+    """``--rules``: comma-separated lesion rules, each one of :data:`pipelines.severity.LESION_RULES`."""
+    rules = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = sorted(set(rules) - set(LESION_RULES))
+    if unknown or not rules:
+        raise argparse.ArgumentTypeError(f"unknown lesion rule(s) {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {', '.join(LESION_RULES)}")
+    return rules
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from pipelines.predict import format_table
 
-    if args.rules:
-        unknown = sorted(set(args.rules.split(",")) - set(LESION_RULES))
-        if unknown:
-            raise CTSeverityError(f"--rules: unknown lesion rule(s) {', '.join(unknown)}; "
-                                  f"choose from {', '.join(LESION_RULES)}")
     studies = find_studies(args.studies)
     truth_path = args.truth or (Path(args.studies[0]) / "truth.csv" if Path(args.studies[0]).is_dir() else None)
     if truth_path is None or not Path(truth_path).exists():
@@ -44,8 +49,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     gate = resolve_calibration(config, model)["slice_gate"]
     evidence = [compute_evidence(s, config, model, gate)
                 for s in tqdm(studies, desc=f"evidence ({args.method})", unit="study")]
-    rules = LESION_RULES if not args.rules else tuple(args.rules.split(","))
-    fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate, rules=rules)
+    fit = fit_calibration(evidence, [truth[s.study] for s in studies], args.method, gate,
+                          rules=args.rules or LESION_RULES)
     rows = [[r, v["threshold"] if v["threshold"] is not None else "-", v["min_lesion_ml"],
              v.get("density_delta_hu", "-"), v.get("grow_mm", "-"), v["study_call"], v["mae_percent"],
              v["grade_accuracy"]]
@@ -85,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--lung-mask", dest="lung_mask", default="auto", choices=LUNG_BACKENDS)
     p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
-    p.add_argument("--rules", default="", metavar="R1,R2",
+    p.add_argument("--rules", type=_rules, default=None, metavar="R1,R2",
                    help=f"lesion rules to try (comma-separated, default all: {','.join(LESION_RULES)}; "
                         "the density method has its own)")
     p.add_argument("--dry-run", action="store_true", help="print the fit without writing it")
