@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from monai_ext.data.studies import grade_from_percent
 from monai_ext.io import atomic_write_text
 from pipelines.severity import (
+    ATTENUATION_RULES,
     LESION_RULES,
     abnormal_attenuation,
     grow_levels,
@@ -76,7 +77,7 @@ class CalibrationFit:
             vals["threshold"] = self.threshold
         if self.density_delta_hu is not None:
             vals["density_delta_hu"] = self.density_delta_hu
-        if self.lesion_rule in ("heatmap-density", "heatmap-relative") and self.method != "density":
+        if self.lesion_rule in ATTENUATION_RULES and self.method != "density":
             vals["grow_mm"] = self.grow_mm
         return vals
 
@@ -137,14 +138,15 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     grid = [(rule, delta) for rule in rules
             for delta in (deltas if rule in relative else (None,))]
     for rule, delta in tqdm(grid, desc=f"fit ({method})", unit="rule", leave=False):
-        if rule == "heatmap-density":
-            dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing)[b] for ev, b in zip(evidence, boxes)]
+        if rule in ("heatmap-density", "heatmap-dependent"):
+            dens = [abnormal_attenuation(ev.hu, ev.lung, ev.spacing, dependent=rule == "heatmap-dependent")[b]
+                    for ev, b in zip(evidence, boxes)]
         elif delta is not None:
             dens = [relative_attenuation(ev.hu, ev.lung, ev.spacing, delta, level=levels[i])[boxes[i]]
                     for i, ev in enumerate(evidence)]
         else:
             dens = [None] * n
-        grows = tuple(grow_mm) if rule in ("heatmap-density", "heatmap-relative") else (0.0,)
+        grows = tuple(grow_mm) if rule in ATTENUATION_RULES else (0.0,)
         # the highest heat reachable within each growth, once per study: a threshold is then one comparison
         levels_by_grow = [grow_levels(heats[i] * lungs[i], dens[i], evidence[i].spacing, grows)
                           if dens[i] is not None and rule != "density" else None for i in range(n)]
@@ -174,7 +176,7 @@ def fit_calibration(evidence: Sequence, truth: Sequence[dict], method: str, slic
     obj, _, thr, vmin, mae, acc, pct, delta, call, grow = best_by_rule[best_rule]
     per_rule = {r: {"threshold": v[2], "min_lesion_ml": v[3], "study_call": v[8], "mae_percent": round(v[4], 3),
                     "grade_accuracy": round(v[5], 3), **({"density_delta_hu": v[7]} if v[7] is not None else {}),
-                    **({"grow_mm": v[9]} if r in ("heatmap-density", "heatmap-relative") else {})}
+                    **({"grow_mm": v[9]} if r in ATTENUATION_RULES else {})}
                 for r, v in best_by_rule.items()}
     per_study = [{"lesion_percent": round(float(p), 3), "grade": grade_from_percent(min(100.0, float(p))),
                   "truth_percent": t["lesion_percent"], "truth_grade": t["grade"],

@@ -4,7 +4,9 @@ Two kinds of evidence turn into a lesion mask:
 
 - a heatmap from an attribution method, normalized jointly over the study and thresholded
   (rule ``heatmap``, as in the IBA paper), optionally intersected with abnormal attenuation:
-  absolute (rule ``heatmap-density``: -750..+100 HU) or relative to the study's own normal lung
+  absolute (rule ``heatmap-density``: -750..+100 HU; rule ``heatmap-dependent``: the same with the lower
+  bound raised by the study's own gravity-dependent density, :func:`dependent_shift`, so that the dense
+  posterior lung of a shallow-breathing supine scan stays out) or relative to the study's own normal lung
   (rule ``heatmap-relative``: at least ``density_delta_hu`` above the level of the study's aerated
   lung, the lowest prominent peak of its histogram, on the CT smoothed over 1 mm, so that neither the
   scanner's HU calibration, the breathing level, a dense normal lung nor the kernel's noise moves the
@@ -38,6 +40,7 @@ from monai_ext.data.studies import grade_from_percent
 
 __all__ = [
     "LESION_RULES",
+    "ATTENUATION_RULES",
     "geodesic_steps",
     "grow_within",
     "grow_levels",
@@ -45,6 +48,8 @@ __all__ = [
     "DEFAULT_DELTA_HU",
     "abnormal_attenuation",
     "normal_lung_level",
+    "dependent_shift",
+    "DEPENDENT_BANDS_MM",
     "relative_attenuation",
     "lesion_mask_from_heatmap",
     "remove_small_components",
@@ -54,11 +59,15 @@ __all__ = [
     "grade_from_percent",
 ]
 
-LESION_RULES = ("heatmap", "heatmap-density", "heatmap-relative")
+LESION_RULES = ("heatmap", "heatmap-density", "heatmap-dependent", "heatmap-relative")
+#: the rules that intersect the map with abnormal attenuation (and may grow through it)
+ATTENUATION_RULES = ("heatmap-density", "heatmap-dependent", "heatmap-relative")
 #: attenuation of ground glass (about -750..-300 HU) up to consolidation (about -100..+60 HU)
 DENSITY_HU = (-750.0, 100.0)
 #: default rise above the study's normal lung level that counts as abnormal (relative rule)
 DEFAULT_DELTA_HU = 200.0
+#: height bands (mm above the posterior lung edge) of :func:`dependent_shift`; lung above the last is the reference
+DEPENDENT_BANDS_MM = (0.0, 5.0, 10.0, 20.0, 30.0, 45.0)
 
 
 def _np(a: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -78,7 +87,7 @@ def _ball(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
 
 def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
                          hu_range: Sequence[float] = DENSITY_HU, vessel_radius_mm: float = 2.0,
-                         smooth_mm: float = 1.0) -> np.ndarray:
+                         smooth_mm: float = 1.0, dependent: bool = False) -> np.ndarray:
     """Lung voxels of abnormal attenuation with vessels removed (boolean, same grid).
 
     Args:
@@ -93,6 +102,8 @@ def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch
             scatters ground glass out of the band, and the opening then erases what is left (20 %
             inserted ground glass and consolidation under a B70f-like kernel: 3.5 % of the lung read
             raw, 22.5 % after 1 mm; 16.4 and 23.5 % under a smooth kernel). 0: the raw CT.
+        dependent: raise the lower bound by the study's own dependent density (:func:`dependent_shift`,
+            RAS axes), so that the normal posterior lung of a dense-lung scan stays out of the band.
 
     Returns:
         Boolean mask of abnormal lung parenchyma.
@@ -103,7 +114,10 @@ def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch
         return out
     box = _lung_box(m)
     sm = _smoothed(img[box], spacing, smooth_mm)
-    dense = m[box] & (sm >= hu_range[0]) & (sm <= hu_range[1])
+    lower = np.float32(hu_range[0])
+    if dependent:
+        lower = lower + dependent_shift(img, m, spacing, smooth_mm)[box]
+    dense = m[box] & (sm >= lower) & (sm <= hu_range[1])
     if vessel_radius_mm > 0:
         # open slice by slice with an in-plane disc: thin tubes vanish, blobs stay
         disc = _ball(vessel_radius_mm, spacing[:2])[:, :, None]
@@ -123,6 +137,18 @@ def _smoothed(img: np.ndarray, spacing: Sequence[float], smooth_mm: float) -> np
         return img
     sigma = [smooth_mm / float(s) for s in spacing[:2]] + [min(smooth_mm / float(spacing[2]), 0.5)]
     return ndi.gaussian_filter(img, sigma, mode="nearest")
+
+
+def _histogram_level(values: np.ndarray, fallback_hu: float, min_peak: float) -> float:
+    """The lowest prominent peak of smoothed-CT values below -600 HU (:func:`normal_lung_level`)."""
+    low = values[(values < -600.0) & (values > -1100.0)]
+    if low.size < max(50, 0.02 * values.size):
+        return float(fallback_hu)
+    hist, edges = np.histogram(low, bins=np.arange(-1100.0, -595.0, 5.0))
+    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
+    peak = (hist >= np.maximum(np.r_[-1.0, hist[:-1]], np.r_[hist[1:], -1.0])) & (hist >= min_peak * hist.max())
+    k = int(np.flatnonzero(peak)[0])
+    return float(0.5 * (edges[k] + edges[k + 1]))
 
 
 def normal_lung_level(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
@@ -146,14 +172,74 @@ def normal_lung_level(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Te
         return float(fallback_hu)
     box = _lung_box(m)
     sm = _smoothed(img[box], spacing, smooth_mm)[m[box]]
-    low = sm[(sm < -600.0) & (sm > -1100.0)]
-    if low.size < max(50, 0.02 * sm.size):
-        return float(fallback_hu)
-    hist, edges = np.histogram(low, bins=np.arange(-1100.0, -595.0, 5.0))
-    hist = ndi.gaussian_filter1d(hist.astype(np.float64), 2.0)
-    peak = (hist >= np.maximum(np.r_[-1.0, hist[:-1]], np.r_[hist[1:], -1.0])) & (hist >= min_peak * hist.max())
-    k = int(np.flatnonzero(peak)[0])
-    return float(0.5 * (edges[k] + edges[k + 1]))
+    return _histogram_level(sm, fallback_hu, min_peak)
+
+
+def dependent_shift(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
+                    smooth_mm: float = 1.0, bands_mm: Sequence[float] = DEPENDENT_BANDS_MM,
+                    max_shift_hu: float = 120.0, posterior_axis: int = 1, posterior_low: bool = True
+                    ) -> np.ndarray:
+    """How much denser than the rest of the lung the study's own normal lung is near the posterior pleura
+    (gravity-dependent density of a supine patient), per voxel, in HU (float32, 0 outside the lung).
+
+    Each lung voxel's height is its distance above the most posterior lung voxel of its column. The normal
+    lung level (:func:`normal_lung_level`'s lowest prominent histogram peak) is measured in each height band
+    of ``bands_mm`` and in the lung above the last band (the reference); a band's shift is its level minus
+    the reference, at least 0, and interpolated linearly between band centres. A lung without a dependent
+    gradient (prone, or a deep inspiration) gets 0 everywhere. Lesions in the dependent lung raise a band's
+    level only once they outnumber its aerated lung (the lowest peak is the aerated lung's); a band more
+    than ``max_shift_hu`` above the reference is taken for disease, not gravity, and gets 0 (85 % of a
+    smooth-kernel CT as ground glass: every band under 45 mm 190-240 HU above the lung over it; the clean
+    CT: 34-94 HU).
+
+    Args:
+        ct: CT in HU, (X, Y, Z) or (1, X, Y, Z), axes as ``posterior_axis`` says (RAS: y grows anterior).
+        lung: lung mask on the same grid.
+        spacing: voxel size in mm.
+        smooth_mm: Gaussian sigma of the smoothing before the histograms.
+        bands_mm: height band edges above the posterior lung edge.
+        max_shift_hu: the largest shift taken for gravity (dependent density is 30-120 HU; more is disease).
+        posterior_axis: the array axis from posterior to anterior.
+        posterior_low: the posterior side is at low indices of that axis (RAS).
+
+    Returns:
+        The shift map.
+    """
+    img, m = _np(ct), _np(lung) > 0
+    out = np.zeros(m.shape, dtype=np.float32)
+    if not m.any():
+        return out
+    box = _lung_box(m)
+    sm = _smoothed(img[box], spacing, smooth_mm)
+    mb = m[box]
+    idx = np.arange(mb.shape[posterior_axis], dtype=np.float32)
+    shape = [1, 1, 1]
+    shape[posterior_axis] = -1
+    idx = idx.reshape(shape)
+    if posterior_low:
+        edge = np.where(mb, idx, np.float32(np.inf)).min(axis=posterior_axis, keepdims=True)
+        height = (idx - edge) * np.float32(spacing[posterior_axis])
+    else:
+        edge = np.where(mb, idx, np.float32(-np.inf)).max(axis=posterior_axis, keepdims=True)
+        height = (edge - idx) * np.float32(spacing[posterior_axis])
+    height = np.broadcast_to(height, mb.shape)
+    edges = [float(b) for b in bands_mm]
+    reference = _histogram_level(sm[mb & (height >= edges[-1])], np.nan, 0.25)
+    if not np.isfinite(reference):
+        return out
+    centres, shifts = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        level = _histogram_level(sm[mb & (height >= lo) & (height < hi)], np.nan, 0.25)
+        centres.append(0.5 * (lo + hi))
+        rise = level - reference if np.isfinite(level) else 0.0
+        shifts.append(float(rise) if 0.0 < rise <= max_shift_hu else 0.0)
+    centres.append(edges[-1])
+    shifts.append(0.0)
+    shift = np.interp(height[mb], centres, shifts).astype(np.float32)
+    sub = np.zeros(mb.shape, np.float32)
+    sub[mb] = shift
+    out[box] = sub
+    return out
 
 
 def relative_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
@@ -280,8 +366,9 @@ def lesion_mask_from_heatmap(heat: np.ndarray | torch.Tensor, lung: np.ndarray |
         lung: lung mask.
         threshold: heatmap level above which a lung voxel is lesion.
         rule: ``"heatmap"`` (the heatmap region alone), ``"heatmap-density"`` (intersected with
-            absolute abnormal attenuation; needs ``ct``) or ``"heatmap-relative"`` (intersected with
-            attenuation ``density_delta_hu`` above the study's normal lung; needs ``ct``).
+            absolute abnormal attenuation; needs ``ct``), ``"heatmap-dependent"`` (the same with the band's
+            lower bound raised by the study's dependent density; ``ct`` in RAS axes) or ``"heatmap-relative"``
+            (intersected with attenuation ``density_delta_hu`` above the study's normal lung; needs ``ct``).
         ct: CT in HU, for the density rules.
         spacing: voxel size in mm.
         min_volume_ml: components below this volume are removed.
@@ -297,13 +384,13 @@ def lesion_mask_from_heatmap(heat: np.ndarray | torch.Tensor, lung: np.ndarray |
         raise ValueError(f"lesion rule must be one of {', '.join(LESION_RULES)}, got {rule!r}")
     h, m = _np(heat), _np(lung) > 0
     lesion = (h >= threshold) & m & (h > 0)
-    if rule in ("heatmap-density", "heatmap-relative"):
+    if rule in ATTENUATION_RULES:
         if ct is None:
             raise ValueError(f"the {rule} rule needs the CT")
         if rule == "heatmap-relative":
             opacity = relative_attenuation(ct, m, spacing, density_delta_hu)
         else:
-            opacity = abnormal_attenuation(ct, m, spacing, density_hu)
+            opacity = abnormal_attenuation(ct, m, spacing, density_hu, dependent=rule == "heatmap-dependent")
         if grow_mm > 0 and m.any():  # the growth stays in the opacity, hence in the lung: work in the lung's box
             box = _lung_box(m)
             lesion[box] = grow_within(lesion[box], opacity[box], spacing, grow_mm)

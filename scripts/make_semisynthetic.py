@@ -1,13 +1,14 @@
 """Semi-synthetic studies from real chest CT: lesions inserted at given loads, under a scanner style.
 
     python scripts/make_semisynthetic.py --out /tmp/semi --ct CT [CT ...] --loads 0,3,8,15,20,35,45,60,70,85 \\
-        [--style native|random|smooth|sharp] [--seed 2024]
+        [--style native|random|random-dependent|smooth|sharp] [--seed 2024]
 
 For each CT and each load, one study (:func:`monai_ext.data.variants.render_variant`): the CT's
 threshold lung label, lesions of the project's generator (mixed ground glass and consolidation)
 inside it at that share of the lung, then the scanner style: ``native`` keeps the CT as acquired,
 ``random`` draws a style per study (kernel, noise, slice thickness, HU calibration, inspiration;
-:func:`monai_ext.data.scanner.draw_style`), ``smooth`` / ``sharp`` re-render with a soft-tissue or a
+:func:`monai_ext.data.scanner.draw_style`), ``random-dependent`` the same with gravity-dependent density
+added to the normal lung of every study, ``smooth`` / ``sharp`` re-render with a soft-tissue or a
 sharp lung kernel. Writes ``<study>.nii.gz`` with ``<study>_lesion`` and ``<study>_lung`` masks,
 and ``truth.csv`` (``study, lesion_percent, grade, requested_percent, kind, seed, lung_ml,
 lesion_ml, source``) for ``ctseverity run --truth``, ``calibrate`` and ``evaluate``.
@@ -25,12 +26,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-STYLES = ("native", "random", "smooth", "sharp")
+STYLES = ("native", "random", "random-dependent", "smooth", "sharp")
 
 
 def _style(name: str, rng: np.random.Generator, spacing):
     from monai_ext.data.scanner import SHARP_KERNEL, SMOOTH_KERNEL, ScannerStyle, draw_style
 
+    if name == "random-dependent":
+        return draw_style(rng, spacing, dependent_share=1.0)
     return {"native": ScannerStyle(f50=0.9, noise_hu=0.0), "smooth": SMOOTH_KERNEL, "sharp": SHARP_KERNEL}.get(
         name) or draw_style(rng, spacing)
 

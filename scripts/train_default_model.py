@@ -6,14 +6,16 @@ scanner variety, plus procedural phantoms.
 1. renders semi-synthetic studies under ``--work`` (:func:`monai_ext.data.variants.render_variant`):
    for each training CT, ``--variants`` studies, each with a drawn scanner style (kernel from soft
    to sharp with its noise texture, 5-60 HU of noise, slice thickness 0.6-8 mm with partial
-   volume, HU gain and offset, inspiration level -900..-750 HU) and a drawn lesion load (30 %
-   clean, else 0.5-85 % of the lung, log-uniform; mixed ground glass and consolidation, ground
+   volume, HU gain and offset, inspiration level -900..-750 HU, and in ``--dependent-share`` of
+   them a gravity-dependent density of 30-150 HU along the posterior lung) and a drawn lesion load
+   (30 % clean, else 0.5-85 % of the lung, log-uniform; mixed ground glass and consolidation, ground
    glass only or consolidation only); plus ``--phantoms`` procedural phantoms rendered the same
    way;
 2. trains the bundle's ``configs/train.json`` on them (slice labels from the lesion masks; the
    classifier input flattened beyond 4 mm of the lung, as at inference; flips, affine and elastic
    deformation, contrast, blur and noise per slice), writing ``models/model.pt``,
-   ``models/model.json`` (checksum, validation metrics, layers) and ``models/iba_estimator.pt``.
+   ``models/model.json`` (checksum, validation metrics, layers) and ``models/iba_estimator.pt``;
+   from scratch, or fine-tuning the weights of a trained bundle (``--init``).
 
 Training CT (terms that allow training the shipped model, ../shared/DESIGN.md): LIDC-IDRI-0001 and
 -0003 (CC BY 3.0), Lung-PET-CT-Dx A0002 (CC BY 4.0), the CIP COPDGene 10002K and TestInput volumes
@@ -77,7 +79,7 @@ def _phantom_base(i: int, seed: int):
 
 
 def make_dataset(work: Path, n_variants: int = 25, seed: int = 0, extra: list[Path] | None = None,
-                 n_phantoms: int = 30, names: list[str] | None = None) -> Path:
+                 n_phantoms: int = 30, names: list[str] | None = None, dependent_share: float = 0.0) -> Path:
     """Render the training studies (skipping those already on disk) and write ``manifest.csv``.
 
     Args:
@@ -87,6 +89,7 @@ def make_dataset(work: Path, n_variants: int = 25, seed: int = 0, extra: list[Pa
         extra: more training CT files.
         n_phantoms: procedural phantoms, one study each.
         names: restrict the shared training CT to these names.
+        dependent_share: share of the studies whose scanner style adds dependent density.
 
     Returns:
         The manifest (``study, path, lesion_percent, grade, mask``).
@@ -118,7 +121,7 @@ def make_dataset(work: Path, n_variants: int = 25, seed: int = 0, extra: list[Pa
             if study in done:
                 continue
             rng = np.random.default_rng([seed, b, k])
-            v = render_variant(base, rng)
+            v = render_variant(base, rng, dependent_share=dependent_share)
             paths = save_variant(v, studies, study)
             row = {"study": study, "path": str(paths["image"]), "lesion_percent": round(v.lesion_percent, 4),
                    "grade": grade_from_percent(v.lesion_percent), "mask": str(paths["lesion"]), "kind": v.kind,
@@ -134,6 +137,20 @@ def make_dataset(work: Path, n_variants: int = 25, seed: int = 0, extra: list[Pa
     return manifest
 
 
+def init_overrides(bundle: str | os.PathLike) -> dict:
+    """``train.json`` overrides that start from a trained bundle's network and weights, with its input
+    settings and explained layers (as ``train_guided.json`` does for guided fine-tuning)."""
+    from pipelines.bundle import load_model
+
+    source = load_model(bundle)
+    return {"network_def": "$ctsev_bundle.load_model(" + repr(str(bundle)) + ").network",
+            "network_target": source.info["network_def"]["_target_"],
+            "network_args": {k: v for k, v in source.info["network_def"].items() if k != "_target_"},
+            "size": source.size, "context": source.context, "window": list(source.window),
+            "flatten_beyond_mm": source.flatten_beyond_mm,
+            "iba_layer": source.info.get("iba_layer"), "cam_layer": source.info.get("cam_layer")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/ctsev_default", help="folder for the rendered studies and cache")
@@ -143,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phantoms", type=int, default=30, help="procedural phantom studies")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dependent-share", type=float, default=0.6,
+                   help="share of the studies with gravity-dependent density added to their normal lung")
+    p.add_argument("--init", default=None, help="fine-tune the weights of this trained bundle instead of training "
+                                                "from scratch (its network and input settings are kept)")
+    p.add_argument("--learning-rate", type=float, default=None, help="default: the config's (1e-3)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--slice-stride", type=int, default=2, help="keep every n-th training slice of a study")
     p.add_argument("--render-only", action="store_true", help="render the studies and stop")
@@ -153,14 +175,21 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    manifest = make_dataset(work, args.variants, args.seed, [Path(e) for e in args.extra], args.phantoms)
+    if not 0.0 <= args.dependent_share <= 1.0:
+        p.error("--dependent-share must be within 0..1")
+    manifest = make_dataset(work, args.variants, args.seed, [Path(e) for e in args.extra], args.phantoms,
+                            dependent_share=args.dependent_share)
     print(f"dataset: {manifest} ({time.time() - t0:.0f} s)")
     if args.render_only:
         return 0
+    overrides = {"seed": args.seed, "cache_dir": str(work / "cache"), "slice_stride": args.slice_stride,
+                 "lung_backend": "threshold"}
+    if args.learning_rate is not None:
+        overrides["learning_rate"] = args.learning_rate
+    if args.init is not None:
+        overrides.update(init_overrides(args.init))
     t0 = time.time()
-    info = train_bundle(manifest, args.bundle, epochs=args.epochs, device=args.device,
-                        overrides={"seed": args.seed, "cache_dir": str(work / "cache"),
-                                   "slice_stride": args.slice_stride, "lung_backend": "threshold"})
+    info = train_bundle(manifest, args.bundle, epochs=args.epochs, device=args.device, overrides=overrides)
     print(f"trained in {time.time() - t0:.0f} s")
     print(json.dumps(info["metrics"], indent=2))
     return 0

@@ -20,6 +20,11 @@ whether a grade survives a change of kernel.
 - Inspiration: lung parenchyma (label > 0, below -400 HU) is moved so that its median reaches
   ``lung_median_hu`` (``-1000 + (hu + 1000) * k``: air stays air), as between deep inspiration
   (about -900 HU) and shallow breathing (about -750 HU). Apply before inserting lesions.
+- Dependent density: in a supine patient the posterior (gravity-dependent) lung is denser than the
+  anterior, by some 30-150 HU over its last centimetres, a smooth band along the posterior pleura
+  that is not disease. ``dependent_hu`` adds ``dependent_hu * exp(-d / dependent_mm)`` to aerated
+  lung, ``d`` the height above the lung's lowest point in the voxel's column
+  (:func:`add_dependent_density`). Apply before inserting lesions.
 
 Array convention: (X, Y, Z) with z the axial (slice) axis; spacing in mm.
 
@@ -42,7 +47,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = ["ScannerStyle", "draw_style", "kernel_mtf", "apply_kernel", "thick_slices", "adjust_inspiration",
-           "SMOOTH_KERNEL", "SHARP_KERNEL"]
+           "add_dependent_density", "SMOOTH_KERNEL", "SHARP_KERNEL"]
 
 
 def kernel_mtf(freq: np.ndarray, f50: float, boost: float, fmax: float) -> np.ndarray:
@@ -144,6 +149,33 @@ def adjust_inspiration(image: np.ndarray, lung: np.ndarray, lung_median_hu: floa
     return img
 
 
+def add_dependent_density(image: np.ndarray, lung: np.ndarray, spacing: Sequence[float], dependent_hu: float,
+                          dependent_mm: float) -> np.ndarray:
+    """Gravity-dependent density of a supine patient (y posterior): aerated lung voxels (below -400 HU)
+    get ``dependent_hu * exp(-d / dependent_mm)`` HU more, ``d`` (mm) their height above the lowest
+    (most posterior) lung voxel of their (x, z) column; denser voxels (vessels, lesions) are left as
+    they are. Returns float32.
+
+    Example:
+        >>> import numpy as np
+        >>> lung = np.ones((2, 10, 1), bool)
+        >>> out = add_dependent_density(np.full((2, 10, 1), -850.0), lung, (1, 1, 1), 100.0, 2.0)
+        >>> [round(float(v)) for v in out[0, -3:, 0]]
+        [-813, -789, -750]
+    """
+    img = np.asarray(image, dtype=np.float32).copy()
+    lung = np.asarray(lung) > 0
+    if dependent_hu == 0.0 or not lung.any():
+        return img
+    ys = np.arange(lung.shape[1], dtype=np.float32)[None, :, None]
+    bottom = np.where(lung, ys, -1.0).max(axis=1, keepdims=True)  # lowest lung voxel per column
+    d = (bottom - ys) * np.float32(spacing[1])
+    m = lung & (img < -400.0)
+    add = np.float32(dependent_hu) * np.exp(-np.maximum(d, 0.0) / np.float32(max(dependent_mm, 1e-3)))
+    img[m] += np.broadcast_to(add, img.shape)[m]
+    return img
+
+
 @dataclass(frozen=True)
 class ScannerStyle:
     """One acquisition: kernel, noise, slice thickness, HU calibration, inspiration.
@@ -156,6 +188,8 @@ class ScannerStyle:
         gain: HU gain.
         offset_hu: HU offset.
         lung_median_hu: aerated lung median after :func:`adjust_inspiration`; ``None`` keeps it.
+        dependent_hu: dependent density added at the posterior lung edge (:func:`add_dependent_density`).
+        dependent_mm: its decay length.
     """
 
     f50: float = 0.9
@@ -165,6 +199,8 @@ class ScannerStyle:
     gain: float = 1.0
     offset_hu: float = 0.0
     lung_median_hu: float | None = None
+    dependent_hu: float = 0.0
+    dependent_mm: float = 20.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -179,7 +215,7 @@ class ScannerStyle:
             spacing: its voxel size in mm.
             labels: label volumes on the same grid (masks), resampled with the slices (box average
                 thresholded at one half).
-            lung: lung mask, needed for ``lung_median_hu``.
+            lung: lung mask, needed for ``lung_median_hu`` and ``dependent_hu``.
             seed: seed of the noise.
 
         Returns:
@@ -190,6 +226,10 @@ class ScannerStyle:
             if lung is None:
                 raise ValueError("lung_median_hu needs the lung mask")
             img = adjust_inspiration(img, lung, self.lung_median_hu)
+        if self.dependent_hu:
+            if lung is None:
+                raise ValueError("dependent_hu needs the lung mask")
+            img = add_dependent_density(img, lung, spacing, self.dependent_hu, self.dependent_mm)
         out_labels = [np.asarray(lab) for lab in labels]
         sp = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
         if self.thickness_mm is not None:
@@ -209,11 +249,15 @@ SMOOTH_KERNEL = ScannerStyle(f50=0.4, boost=0.0, noise_hu=12.0)
 SHARP_KERNEL = ScannerStyle(f50=1.1, boost=1.2, noise_hu=55.0)
 
 
-def draw_style(rng: np.random.Generator, native_spacing: Sequence[float] | None = None) -> ScannerStyle:
+def draw_style(rng: np.random.Generator, native_spacing: Sequence[float] | None = None,
+               dependent_share: float = 0.0) -> ScannerStyle:
     """A random acquisition over the range of clinical chest CT: kernels from soft to sharp lung
     kernels (f50 0.35-1.3 cycles/mm, edge boost up to 1.5), noise 5-60 HU, slice thickness 0.6-8 mm
     (kept at the native spacing when that is thicker), HU gain 0.96-1.04 and offset +-30 HU, aerated
-    lung median -900..-750 HU (half of the draws keep the native inspiration)."""
+    lung median -900..-750 HU (half of the draws keep the native inspiration), and with probability
+    ``dependent_share`` a dependent density of 30-150 HU decaying over 8-40 mm (the default 0 draws
+    none and keeps the random stream of earlier versions, so that studies rendered from a seed stay
+    the same)."""
     sharp = rng.random() < 0.45
     f50 = float(rng.uniform(0.8, 1.3) if sharp else rng.uniform(0.35, 0.8))
     boost = float(rng.uniform(0.3, 1.5)) if sharp else 0.0
@@ -224,6 +268,10 @@ def draw_style(rng: np.random.Generator, native_spacing: Sequence[float] | None 
         if native_spacing is None or t > float(native_spacing[2]) * 1.05:
             thickness = t
     lung_median = float(rng.uniform(-900.0, -750.0)) if rng.random() < 0.5 else None
-    return ScannerStyle(f50=f50, boost=boost, noise_hu=noise, thickness_mm=thickness,
-                        gain=float(rng.uniform(0.96, 1.04)), offset_hu=float(rng.uniform(-30.0, 30.0)),
-                        lung_median_hu=lung_median)
+    style = ScannerStyle(f50=f50, boost=boost, noise_hu=noise, thickness_mm=thickness,
+                         gain=float(rng.uniform(0.96, 1.04)), offset_hu=float(rng.uniform(-30.0, 30.0)),
+                         lung_median_hu=lung_median)
+    if dependent_share > 0 and rng.random() < dependent_share:
+        style = ScannerStyle(**{**style.to_dict(), "dependent_hu": float(rng.uniform(30.0, 150.0)),
+                                "dependent_mm": float(np.exp(rng.uniform(np.log(8.0), np.log(40.0))))})
+    return style

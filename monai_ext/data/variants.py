@@ -4,7 +4,7 @@
 left, y posterior, z superior) with its lung label: the threshold lung mask
 (:func:`~monai_ext.transforms.lung.threshold_lung_mask`, whose default takes out the organ domes
 under the diaphragm). :func:`render_variant` turns it into one semi-synthetic study: the
-inspiration level of the style, then ground glass and consolidation inserted inside the lung
+inspiration level and dependent density of the style, then ground glass and consolidation inserted inside the lung
 (:func:`~monai_ext.data.lesions.insert_lesions`), then the style's slice thickness, kernel, noise
 and HU calibration (:class:`~monai_ext.data.scanner.ScannerStyle`); lesion and lung masks follow
 the slices. :func:`save_variant` writes it as NIfTI with a RAS affine.
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from monai_ext.data.lesions import insert_lesions
-from monai_ext.data.scanner import ScannerStyle, adjust_inspiration, draw_style
+from monai_ext.data.scanner import ScannerStyle, add_dependent_density, adjust_inspiration, draw_style
 
 __all__ = ["CleanCT", "Variant", "load_clean_ct", "render_variant", "save_variant", "draw_load"]
 
@@ -106,7 +106,7 @@ def draw_load(rng: np.random.Generator, clean_share: float = 0.3, low: float = 0
 
 
 def render_variant(base: CleanCT, rng: np.random.Generator, fraction: float | None = None, kind: str | None = None,
-                   style: ScannerStyle | None = None) -> Variant:
+                   style: ScannerStyle | None = None, dependent_share: float = 0.0) -> Variant:
     """One semi-synthetic study from a clean CT.
 
     Args:
@@ -115,19 +115,22 @@ def render_variant(base: CleanCT, rng: np.random.Generator, fraction: float | No
         fraction: lesion share of the lung, 0..1 (default :func:`draw_load`).
         kind: lesion kind (default: mixed 70 %, ground glass 20 %, consolidation 10 %).
         style: scanner style (default :func:`~monai_ext.data.scanner.draw_style`).
+        dependent_share: probability that a drawn style adds dependent density (``draw_style``).
 
     Returns:
         The :class:`Variant`, on the style's grid.
     """
     frac = draw_load(rng) if fraction is None else float(fraction)
     kind = kind or str(rng.choice(["mixed"] * 7 + ["ggo"] * 2 + ["consolidation"]))
-    style = style or draw_style(rng, base.spacing)
+    style = style or draw_style(rng, base.spacing, dependent_share=dependent_share)
     seed = int(rng.integers(1 << 30))
     img = base.image.astype(np.float32)
     if style.lung_median_hu is not None:  # breathing changes the lung before any lesion is in it
         img = adjust_inspiration(img, base.label, style.lung_median_hu)
+    if style.dependent_hu:  # so does gravity
+        img = add_dependent_density(img, base.label, base.spacing, style.dependent_hu, style.dependent_mm)
     img, lesion = insert_lesions(img, base.label, base.spacing, frac, seed=seed, kind=kind)
-    rest = dataclasses.replace(style, lung_median_hu=None)
+    rest = dataclasses.replace(style, lung_median_hu=None, dependent_hu=0.0)
     img, spacing, (lesion, lung) = rest.apply(img, base.spacing, labels=[lesion, base.label], seed=seed + 1)
     return Variant(img, lesion.astype(np.uint8), lung.astype(np.uint8), spacing, frac, kind, style, seed)
 

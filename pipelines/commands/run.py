@@ -229,8 +229,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--truth", metavar="CSV",
                    help="known lesion_percent and/or grade per study, for the report's agreement figures")
     p.add_argument("--lesion-rule", dest="lesion_rule", choices=LESION_RULES,
-                   help="heatmap region alone, or intersected with abnormal attenuation: absolute (heatmap-density) "
-                        "or relative to the study's normal lung (heatmap-relative) (default: the bundle's)")
+                   help="heatmap region alone, or intersected with abnormal attenuation: absolute (heatmap-density), "
+                        "absolute above the study's own dependent density (heatmap-dependent) or relative to the "
+                        "study's normal lung (heatmap-relative) (default: the bundle's)")
     p.add_argument("--threshold", type=float, metavar="T", help="heatmap threshold in [0, 1] (default: the bundle's)")
     p.add_argument("--min-lesion-ml", dest="min_lesion_ml", type=float, metavar="V",
                    help="smallest lesion component kept, in ml (default: the bundle's)")

@@ -9,6 +9,7 @@ from monai_ext.data.scanner import (
     SHARP_KERNEL,
     SMOOTH_KERNEL,
     ScannerStyle,
+    add_dependent_density,
     adjust_inspiration,
     apply_kernel,
     draw_style,
@@ -106,3 +107,61 @@ def test_drawn_styles_span_the_ranges():
     assert all(abs(s.offset_hu) <= 30 and 0.96 <= s.gain <= 1.04 for s in styles)
     med = [s.lung_median_hu for s in styles if s.lung_median_hu is not None]
     assert 150 < len(med) < 250 and min(med) >= -900 and max(med) <= -750
+
+
+def test_dependent_density_is_a_posterior_band_of_aerated_lung():
+    # a 40 mm tall lung block (y posterior, 1 mm voxels) over air: +100 HU at its lowest row, e^-1 of it
+    # 10 mm higher, nothing on vessels (denser than -400 HU) or outside the lung
+    img = np.full((4, 60, 3), -1000.0, np.float32)
+    lung = np.zeros(img.shape, np.uint8)
+    lung[:, 10:50] = 1
+    img[:, 10:50] = -850.0
+    img[1, 45, :] = 30.0
+    out = add_dependent_density(img, lung, (1.0, 1.0, 2.0), 100.0, 10.0)
+    assert out[0, 49, 0] == pytest.approx(-750.0)
+    assert out[0, 39, 0] == pytest.approx(-850.0 + 100.0 * np.exp(-1.0), abs=1e-3)
+    assert out[0, 10, 0] == pytest.approx(-850.0 + 100.0 * np.exp(-3.9), abs=1e-3)
+    assert out[1, 45, 0] == 30.0
+    assert np.all(out[:, :10] == -1000.0) and np.all(out[:, 50:] == -1000.0)
+    # the band follows each column's own lowest lung voxel
+    lung[2, 40:50] = 0
+    out = add_dependent_density(img, lung, (1.0, 1.0, 2.0), 100.0, 10.0)
+    assert out[2, 39, 0] == pytest.approx(-750.0)
+    with pytest.raises(ValueError, match="lung"):
+        ScannerStyle(dependent_hu=50.0).apply(img, (1, 1, 1))
+    styled, _, _ = ScannerStyle(dependent_hu=100.0, dependent_mm=10.0).apply(img, (1.0, 1.0, 2.0), lung=lung)
+    assert styled[0, 49, 0] == pytest.approx(-750.0, abs=1.0)
+
+
+def test_dependent_density_is_drawn_only_when_asked():
+    plain = [draw_style(np.random.default_rng(5), (0.7, 0.7, 2.5)) for _ in range(3)]
+    assert all(s.dependent_hu == 0.0 for s in plain)
+    rng = np.random.default_rng(5)
+    styles = [draw_style(rng, (0.7, 0.7, 2.5), dependent_share=0.6) for _ in range(300)]
+    dep = [s for s in styles if s.dependent_hu]
+    assert 140 < len(dep) < 220
+    assert all(30 <= s.dependent_hu <= 150 and 8 <= s.dependent_mm <= 40 for s in dep)
+    # the first draws of a style do not depend on dependent_share: a seed renders the same scanner
+    a, b = draw_style(np.random.default_rng(9)), draw_style(np.random.default_rng(9), dependent_share=1.0)
+    assert (a.f50, a.noise_hu, a.lung_median_hu) == (b.f50, b.noise_hu, b.lung_median_hu)
+
+
+def test_render_variant_adds_the_styles_dependent_density_to_a_clean_study():
+    # the same clean phantom study with and without dependent density: the posterior lung band is denser by
+    # the drawn amount, the anterior lung unchanged, and no lesion appears
+    from monai_ext.data import synthetic_chest_ct
+    from monai_ext.data.variants import CleanCT, render_variant
+
+    ct = synthetic_chest_ct((96, 96, 12), (3.0, 3.0, 6.0), seed=4, noise_hu=0.0)
+    base = CleanCT("p", np.maximum(ct.image, -1024).astype(np.int16), ct.lung, tuple(ct.spacing))
+    plain = render_variant(base, np.random.default_rng(0), fraction=0.0, style=ScannerStyle())
+    dep = render_variant(base, np.random.default_rng(0), fraction=0.0,
+                         style=ScannerStyle(dependent_hu=120.0, dependent_mm=10.0))
+    assert plain.lesion.sum() == 0 and dep.lesion.sum() == 0
+    lung = (plain.lung > 0) & (plain.image < -400)
+    ys = np.arange(lung.shape[1])[None, :, None]
+    bottom = np.where(lung, ys, -1).max(axis=1, keepdims=True)
+    height = (bottom - ys) * 3.0
+    diff = dep.image - plain.image
+    assert np.median(diff[lung & (height == 0)]) == pytest.approx(120.0, abs=1.0)
+    assert np.median(diff[lung & (height >= 60)]) < 1.0

@@ -11,6 +11,7 @@ from pipelines.calibrate import fit_calibration
 from pipelines.report import read_truth
 from pipelines.severity import (
     abnormal_attenuation,
+    dependent_shift,
     geodesic_steps,
     grade_from_percent,
     grow_levels,
@@ -167,6 +168,58 @@ def test_heatmap_rules():
         lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-relative")
     with pytest.raises(ValueError, match="lesion rule"):
         lesion_mask_from_heatmap(heat, lung, 0.5, "blobs")
+
+
+def _supine_lung(amplitude: float = 110.0, decay_mm: float = 20.0):
+    """RAS block lung (y grows anterior; 1 mm in-plane, 2.5 mm slices) of a dense-lung scan: -840 HU, plus
+    ``amplitude * exp(-h / decay_mm)`` at height h above the posterior lung edge (y = 5), so that its
+    posterior 6 mm lie above -750 HU; a ground-glass blob (-600 HU) in that dependent lung and one (-650 HU)
+    anteriorly."""
+    hu = np.full((60, 80, 12), 40.0)
+    lung = np.zeros(hu.shape, bool)
+    lung[5:55, 5:75, 1:11] = True
+    height = np.broadcast_to((np.arange(80) - 5.0)[None, :, None], hu.shape)
+    rng = np.random.default_rng(3)
+    hu = np.where(lung, -840.0 + amplitude * np.exp(-height / decay_mm) + rng.normal(0.0, 8.0, hu.shape), hu)
+    lesion = np.zeros(hu.shape, bool)
+    lesion[12:24, 7:17, 3:8] = True  # posterior, 2-12 mm above the edge
+    lesion[30:42, 55:65, 3:8] = True  # anterior
+    hu[lesion & (np.arange(80)[None, :, None] < 40)] = -600.0
+    hu[lesion & (np.arange(80)[None, :, None] >= 40)] = -650.0
+    return hu, lung, lesion
+
+
+def test_dependent_shift_measures_the_studys_own_gravity_gradient():
+    hu, lung, lesion = _supine_lung()
+    shift = dependent_shift(hu, lung, (1.0, 1.0, 2.5))
+    assert shift[~lung].max() == 0.0
+    # by hand: the 0-5 mm band's level is about -840 + 110 e^(-2.5/20) = -743 HU against about -830 above
+    # 45 mm: some 85-95 HU at the posterior edge, falling with height, none above 45 mm
+    assert 70.0 <= shift[30, 5, 5] <= 105.0
+    assert shift[30, 15, 5] < shift[30, 5, 5] and shift[30, 55, 5] == 0.0
+    # a flipped (prone) lung has its dense side up: no shift where gravity is not
+    assert dependent_shift(hu[:, ::-1], lung[:, ::-1], (1.0, 1.0, 2.5)).max() == 0.0
+    # ground glass over the dependent half reads as disease, not gravity: no shift there
+    sick = np.where(lung & (np.arange(80)[None, :, None] < 45), -620.0, hu)
+    assert dependent_shift(sick, lung, (1.0, 1.0, 2.5))[30, 5:30, 5].max() == 0.0
+
+
+def test_dependent_rule_leaves_normal_posterior_lung_out_and_keeps_lesions():
+    hu, lung, lesion = _supine_lung()
+    heat = np.where(lung, 0.9, 0.0).astype(np.float32)  # a map over the whole lung: the attenuation decides
+    spacing = (1.0, 1.0, 2.5)
+    absolute = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density", ct=hu, spacing=spacing)
+    dependent = lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-dependent", ct=hu, spacing=spacing)
+    near = ndimage.binary_dilation(lesion, iterations=2)
+    band = lung & ~near & (np.arange(80)[None, :, None] < 10)  # the posterior 5 mm outside the lesions
+    assert absolute[band].mean() > 0.6  # the absolute band takes the dense normal lung for lesion
+    assert dependent[band].mean() < 0.02 and not (dependent & ~near).sum() > 0.002 * lung.sum()
+    assert (dependent & lesion).sum() >= 0.85 * lesion.sum()  # both lesions, the dependent one too
+    # without a gradient the two rules agree
+    flat, _, _ = _supine_lung(amplitude=0.0)
+    flat[lesion] = -600.0
+    assert np.array_equal(lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-density", ct=flat, spacing=spacing),
+                          lesion_mask_from_heatmap(heat, lung, 0.5, "heatmap-dependent", ct=flat, spacing=spacing))
 
 
 def test_growth_follows_the_touched_opacity_only():
