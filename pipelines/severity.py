@@ -116,7 +116,7 @@ def abnormal_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch
     sm = _smoothed(img[box], spacing, smooth_mm)
     lower = np.float32(hu_range[0])
     if dependent:
-        lower = lower + dependent_shift(img, m, spacing, smooth_mm)[box]
+        lower = lower + _box_shift(sm, m[box], spacing)
     dense = m[box] & (sm >= lower) & (sm <= hu_range[1])
     if vessel_radius_mm > 0:
         # open slice by slice with an in-plane disc: thin tubes vanish, blobs stay
@@ -210,8 +210,15 @@ def dependent_shift(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tens
     if not m.any():
         return out
     box = _lung_box(m)
-    sm = _smoothed(img[box], spacing, smooth_mm)
-    mb = m[box]
+    out[box] = _box_shift(_smoothed(img[box], spacing, smooth_mm), m[box], spacing, bands_mm, max_shift_hu,
+                          posterior_axis, posterior_low)
+    return out
+
+
+def _box_shift(sm: np.ndarray, mb: np.ndarray, spacing: Sequence[float], bands_mm: Sequence[float] = DEPENDENT_BANDS_MM,
+               max_shift_hu: float = 120.0, posterior_axis: int = 1, posterior_low: bool = True) -> np.ndarray:
+    """:func:`dependent_shift` on the smoothed CT and the lung of the lung's box."""
+    sub = np.zeros(mb.shape, np.float32)
     idx = np.arange(mb.shape[posterior_axis], dtype=np.float32)
     shape = [1, 1, 1]
     shape[posterior_axis] = -1
@@ -226,7 +233,7 @@ def dependent_shift(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tens
     edges = [float(b) for b in bands_mm]
     reference = _histogram_level(sm[mb & (height >= edges[-1])], np.nan, 0.25)
     if not np.isfinite(reference):
-        return out
+        return sub
     centres, shifts = [], []
     for lo, hi in zip(edges[:-1], edges[1:]):
         level = _histogram_level(sm[mb & (height >= lo) & (height < hi)], np.nan, 0.25)
@@ -236,10 +243,8 @@ def dependent_shift(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tens
     centres.append(edges[-1])
     shifts.append(0.0)
     shift = np.interp(height[mb], centres, shifts).astype(np.float32)
-    sub = np.zeros(mb.shape, np.float32)
     sub[mb] = shift
-    out[box] = sub
-    return out
+    return sub
 
 
 def relative_attenuation(ct: np.ndarray | torch.Tensor, lung: np.ndarray | torch.Tensor, spacing: Sequence[float],
