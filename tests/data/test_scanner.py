@@ -165,3 +165,12 @@ def test_render_variant_adds_the_styles_dependent_density_to_a_clean_study():
     diff = dep.image - plain.image
     assert np.median(diff[lung & (height == 0)]) == pytest.approx(120.0, abs=1.0)
     assert np.median(diff[lung & (height >= 60)]) < 1.0
+
+
+def test_semisynthetic_random_dependent_style_always_adds_dependent_density(script):
+    style = script("make_semisynthetic")._style
+    rng = np.random.default_rng(13)
+    dependent = [style("random-dependent", rng, (0.7, 0.7, 2.5)) for _ in range(20)]
+    plain = [style("random", rng, (0.7, 0.7, 2.5)) for _ in range(20)]
+    assert all(30.0 <= s.dependent_hu <= 150.0 for s in dependent)
+    assert all(s.dependent_hu == 0.0 for s in plain)
