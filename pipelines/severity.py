@@ -36,6 +36,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage import measure
 
+from monai_ext.data.scanner import posterior_height
 from monai_ext.data.studies import grade_from_percent
 
 __all__ = [
@@ -219,17 +220,7 @@ def _box_shift(sm: np.ndarray, mb: np.ndarray, spacing: Sequence[float], bands_m
                max_shift_hu: float = 120.0, posterior_axis: int = 1, posterior_low: bool = True) -> np.ndarray:
     """:func:`dependent_shift` on the smoothed CT and the lung of the lung's box."""
     sub = np.zeros(mb.shape, np.float32)
-    idx = np.arange(mb.shape[posterior_axis], dtype=np.float32)
-    shape = [1, 1, 1]
-    shape[posterior_axis] = -1
-    idx = idx.reshape(shape)
-    if posterior_low:
-        edge = np.where(mb, idx, np.float32(np.inf)).min(axis=posterior_axis, keepdims=True)
-        height = (idx - edge) * np.float32(spacing[posterior_axis])
-    else:
-        edge = np.where(mb, idx, np.float32(-np.inf)).max(axis=posterior_axis, keepdims=True)
-        height = (edge - idx) * np.float32(spacing[posterior_axis])
-    height = np.broadcast_to(height, mb.shape)
+    height = posterior_height(mb, spacing, posterior_axis, posterior_low)
     edges = [float(b) for b in bands_mm]
     reference = _histogram_level(sm[mb & (height >= edges[-1])], np.nan, 0.25)
     if not np.isfinite(reference):

@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 __all__ = ["ScannerStyle", "draw_style", "kernel_mtf", "apply_kernel", "thick_slices", "adjust_inspiration",
-           "add_dependent_density", "SMOOTH_KERNEL", "SHARP_KERNEL"]
+           "add_dependent_density", "posterior_height", "SMOOTH_KERNEL", "SHARP_KERNEL"]
 
 
 def kernel_mtf(freq: np.ndarray, f50: float, boost: float, fmax: float) -> np.ndarray:
@@ -149,6 +149,23 @@ def adjust_inspiration(image: np.ndarray, lung: np.ndarray, lung_median_hu: floa
     return img
 
 
+def posterior_height(lung: np.ndarray, spacing: Sequence[float], posterior_axis: int = 1,
+                     posterior_low: bool = False) -> np.ndarray:
+    """Each voxel's height (mm) above the most posterior lung voxel of its column along ``posterior_axis``
+    (negative below it; columns without lung get meaningless values). ``posterior_low``: the posterior side
+    is at low indices (RAS arrays); else at high ones (the lesion model's axes, y posterior)."""
+    lung = np.asarray(lung) > 0
+    shape = [1] * lung.ndim
+    shape[posterior_axis] = -1
+    idx = np.arange(lung.shape[posterior_axis], dtype=np.float32).reshape(shape)
+    step = np.float32(spacing[posterior_axis])
+    if posterior_low:
+        edge = np.where(lung, idx, np.float32(np.inf)).min(axis=posterior_axis, keepdims=True)
+        return np.broadcast_to((idx - edge) * step, lung.shape)
+    edge = np.where(lung, idx, np.float32(-1.0)).max(axis=posterior_axis, keepdims=True)
+    return np.broadcast_to((edge - idx) * step, lung.shape)
+
+
 def add_dependent_density(image: np.ndarray, lung: np.ndarray, spacing: Sequence[float], dependent_hu: float,
                           dependent_mm: float) -> np.ndarray:
     """Gravity-dependent density of a supine patient (y posterior): aerated lung voxels (below -400 HU)
@@ -167,9 +184,7 @@ def add_dependent_density(image: np.ndarray, lung: np.ndarray, spacing: Sequence
     lung = np.asarray(lung) > 0
     if dependent_hu == 0.0 or not lung.any():
         return img
-    ys = np.arange(lung.shape[1], dtype=np.float32)[None, :, None]
-    bottom = np.where(lung, ys, -1.0).max(axis=1, keepdims=True)  # lowest lung voxel per column
-    d = (bottom - ys) * np.float32(spacing[1])
+    d = posterior_height(lung, spacing)
     m = lung & (img < -400.0)
     add = np.float32(dependent_hu) * np.exp(-np.maximum(d, 0.0) / np.float32(max(dependent_mm, 1e-3)))
     img[m] += np.broadcast_to(add, img.shape)[m]
